@@ -1,0 +1,58 @@
+"""``gateway sessions``: list and revoke sessions in the shared store, for every replica at once.
+
+Replicas read every session from the store on each request (no local cache), so a deletion
+here is seen by the next request on any replica.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from gateway.config import Settings
+from gateway.store import SessionMeta, open_store
+
+
+def _fmt(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _line(meta: SessionMeta) -> str:
+    left = max(0, int(meta.expires_at - time.time()))
+    return (
+        f"{meta.key[:16]}  sub={meta.sub}  sid={meta.provider_sid or '-'}  "
+        f"created={_fmt(meta.created_at)}  absolute_end_in={left}s"
+    )
+
+
+async def list_sessions(settings: Settings, user: str | None) -> int:
+    store = open_store(settings.session)
+    try:
+        if user:
+            metas = await store.keys_for_user(user)
+        else:
+            metas = [m async for m in store.all_sessions()]
+        for meta in sorted(metas, key=lambda m: m.created_at):
+            print(_line(meta))
+        print(f"{len(metas)} session(s)")
+    finally:
+        await store.close()
+    return 0
+
+
+async def revoke_sessions(settings: Settings, user: str | None) -> int:
+    """Delete the sessions of one user (``user``) or every session (None)."""
+    store = open_store(settings.session)
+    try:
+        if user is not None:
+            metas = await store.keys_for_user(user)
+        else:
+            metas = [m async for m in store.all_sessions()]
+        for meta in metas:
+            await store.delete(meta.key)
+            print(f"revoked {_line(meta)}")
+        who = f"user {user}" if user is not None else "all users"
+        print(f"revoked {len(metas)} session(s) of {who}")
+    finally:
+        await store.close()
+    return 0

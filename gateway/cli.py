@@ -1,0 +1,180 @@
+"""The ``gateway`` command: run, demo, check-config, gen-secret, sessions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import sys
+from collections.abc import Sequence
+
+from gateway.config import ConfigError, Settings, load_settings, redacted, resolve_path
+from gateway.crypto import new_secret
+from gateway.logs import configure_logging
+
+
+def _load(path: str | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        where = resolve_path(path)
+        for problem in exc.problems:
+            print(f"{where}: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
+def serve(settings: Settings) -> None:
+    from aiohttp import web
+
+    from gateway.app import create_app
+    from gateway.metrics import METRICS, start_metrics_server
+
+    async def main() -> None:
+        app = create_app(settings)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=True)
+        await site.start()
+        metrics = await start_metrics_server(settings, app[METRICS])
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if metrics is not None:
+                await metrics.cleanup()
+            await runner.cleanup()
+
+    _install_uvloop()
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    configure_logging(settings.observability.log_format, settings.observability.log_level)
+    workers = max(1, args.workers)
+    if workers == 1:
+        serve(settings)
+        return 0
+    # SO_REUSEPORT: every worker binds the same port and the kernel spreads connections.
+    procs = [
+        multiprocessing.Process(target=serve, args=(settings,), daemon=False)
+        for _ in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    print(json.dumps(redacted(settings), indent=2))
+    if not args.probe:
+        return 0
+    from gateway.probe import probe
+
+    results = asyncio.run(probe(settings))
+    ok = True
+    for name, passed, detail in results:
+        ok = ok and passed
+        print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
+    return 0 if ok else 1
+
+
+def cmd_gen_secret(args: argparse.Namespace) -> int:
+    print(new_secret())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    configure_logging("text", "info")
+    _install_uvloop()
+    try:
+        asyncio.run(run_demo(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    except ValueError as exc:
+        print(f"gateway demo: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from gateway.admin import list_sessions, revoke_sessions
+
+    settings = _load(args.config)
+    if settings.session.store != "redis":
+        print("gateway sessions: needs session.store: redis", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        return asyncio.run(list_sessions(settings, args.user))
+    if not args.user and not args.all:
+        print("gateway sessions revoke: name --user SUB or --all", file=sys.stderr)
+        return 2
+    return asyncio.run(revoke_sessions(settings, None if args.all else args.user))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="OpenID Connect authentication gateway"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
+        )
+
+    p = sub.add_parser("run", help="serve for real")
+    with_config(p)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="dev provider + echo upstream + gateway, on one machine")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4180)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("check-config", help="validate the config and print it, secrets redacted")
+    with_config(p)
+    p.add_argument("--probe", action="store_true", help="also contact the provider and Redis")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("gen-secret", help="print a fresh cookie secret")
+    p.set_defaults(func=cmd_gen_secret)
+
+    p = sub.add_parser("sessions", help="list or revoke sessions in the Redis store")
+    p.add_argument("action", choices=["list", "revoke"])
+    with_config(p)
+    p.add_argument("--user", help="the user's sub")
+    p.add_argument("--all", action="store_true", help="with revoke: every session")
+    p.set_defaults(func=cmd_sessions)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

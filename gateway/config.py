@@ -1,0 +1,405 @@
+"""Configuration: YAML + ``GATEWAY_<SECTION>__<KEY>`` environment + ``${VAR}``, validated at once.
+
+The only module that reads files and the environment. Every problem in a file is reported
+together, one line each, naming the dotted key. Secrets are ``SecretStr`` so no repr, log
+line or ``check-config`` output ever shows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = "config/gateway.yaml"
+ENV_PREFIX = "GATEWAY_"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds one ``key: problem`` line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"30s"``, ``"15m"``, ``"8h"``, ``"7d"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 15m, 8h or 7d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError("expected a duration such as 30s, 15m, 8h or 7d")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(4180, ge=0, le=65535)
+    public_url: str
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_header_size: int = Field(16384, ge=1024)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL such as https://app.example.com")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError("must be an origin only (scheme, host, port), without path or query")
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return tuple(ipaddress.ip_network(str(x), strict=False) for x in v)
+        return v
+
+
+class ProviderSettings(_Model):
+    issuer: str | None = None
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] | None = None
+    scopes: tuple[str, ...] = ("openid", "email", "profile", "offline_access")
+    bearer_audiences: tuple[str, ...] = ()
+    authorization_endpoint: str | None = None
+    token_endpoint: str | None = None
+    userinfo_endpoint: str | None = None
+    jwks_uri: str | None = None
+    revocation_endpoint: str | None = None
+    end_session_endpoint: str | None = None
+    introspection_endpoint: str | None = None
+    extra_auth_params: dict[str, str] = Field(default_factory=dict)
+    ca_file: str | None = None
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> ProviderSettings:
+        if not self.issuer and not (self.authorization_endpoint and self.token_endpoint):
+            raise ValueError(
+                "set issuer (OpenID discovery) or authorization_endpoint and token_endpoint"
+            )
+        method = self.effective_auth_method
+        if method != "none" and self.client_secret is None:
+            raise ValueError(f"client_auth_method {method} needs client_secret")
+        return self
+
+    @property
+    def effective_auth_method(self) -> str:
+        if self.client_auth_method:
+            return self.client_auth_method
+        return "client_secret_basic" if self.client_secret is not None else "none"
+
+
+def _cookie_secret(v: Any) -> Any:
+    raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+    if not isinstance(raw, str):
+        raise ValueError("must be a base64 string of 32 random bytes (gateway gen-secret)")
+    try:
+        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except ValueError:
+        decoded = b""
+    if len(decoded) != 32:
+        raise ValueError("must be a base64 string of 32 random bytes (gateway gen-secret)")
+    return SecretStr(raw)
+
+
+CookieSecret = Annotated[SecretStr, BeforeValidator(_cookie_secret)]
+
+
+class SessionSettings(_Model):
+    store: Literal["redis", "memory"] = "redis"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    key_prefix: str = "gw:"
+    cookie_name: str = "__Host-gateway"
+    cookie_secrets: tuple[CookieSecret, ...] = Field(min_length=1)
+    cookie_secure: bool = True
+    cookie_samesite: Literal["lax", "strict", "none"] = "lax"
+    idle_timeout: Duration = 8 * 3600.0
+    max_lifetime: Duration = 7 * 86400.0
+    refresh_skew: Duration = 60.0
+    login_timeout: Duration = 600.0
+    max_login_flows: int = Field(5, ge=1, le=20)
+
+    @field_validator("cookie_name")
+    @classmethod
+    def _cookie_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", v):
+            raise ValueError("letters, digits, '-' and '_' only, at most 64")
+        return v
+
+    @model_validator(mode="after")
+    def _prefix(self) -> SessionSettings:
+        if self.cookie_name.startswith("__Host-") and not self.cookie_secure:
+            raise ValueError("a __Host- cookie needs cookie_secure: true")
+        if self.cookie_samesite == "none" and not self.cookie_secure:
+            raise ValueError("cookie_samesite none needs cookie_secure: true")
+        if self.idle_timeout <= 0 or self.max_lifetime <= 0:
+            raise ValueError("idle_timeout and max_lifetime must be positive")
+        return self
+
+
+class RequireSettings(_Model):
+    scopes: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    emails: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+
+
+class TimeoutSettings(_Model):
+    connect: Duration = 5.0
+    read: Duration = 60.0
+
+
+DEFAULT_IDENTITY_HEADERS = {
+    "X-Forwarded-User": "sub",
+    "X-Forwarded-Email": "email",
+    "X-Forwarded-Groups": "groups",
+    "X-Forwarded-Preferred-Username": "preferred_username",
+}
+
+
+class RouteSettings(_Model):
+    prefix: str = "/"
+    upstream: str
+    auth: Literal["required", "none"] = "required"
+    on_unauthenticated: Literal["auto", "login", "deny"] = "auto"
+    require: RequireSettings = RequireSettings()
+    pass_access_token: bool = True
+    identity_headers: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_IDENTITY_HEADERS))
+    accept_bearer: bool = False
+    assertion: bool = False
+    preserve_host: bool = False
+    timeouts: TimeoutSettings = TimeoutSettings()
+    websockets: bool = True
+    tls_verify: bool = True
+    tls_ca_file: str | None = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or "?" in v or "#" in v or "\\" in v or "%" in v:
+            raise ValueError("must be a plain path starting with /")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return v
+
+    @field_validator("identity_headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9\-]+", name):
+                raise ValueError(f"{name!r} is not a header name")
+        return v
+
+
+class LogoutSettings(_Model):
+    post_logout_redirect: str = "/"
+    allowed_redirects: tuple[str, ...] = ()
+
+    @field_validator("allowed_redirects")
+    @classmethod
+    def _origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from urllib.parse import urlsplit
+
+        out = []
+        for item in v:
+            parts = urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+                raise ValueError(f"{item!r} is not an absolute http(s) origin")
+            out.append(f"{parts.scheme}://{parts.netloc}".lower())
+        return tuple(out)
+
+
+class ObservabilitySettings(_Model):
+    metrics_listen: str | None = None
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(_Model):
+    server: ServerSettings
+    provider: ProviderSettings
+    session: SessionSettings
+    routes: tuple[RouteSettings, ...] = Field(min_length=1)
+    logout: LogoutSettings = LogoutSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.server.public_url + "/oauth2/callback"
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _expand(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` in every string, recording unset variables as problems."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                problems.append(f"{path}: environment variable {name} is not set")
+                return ""
+            return env[name]
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            k: _expand(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
+    """Overlay ``GATEWAY_<SECTION>__<KEY>=value``; values are YAML scalars or flow collections."""
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "GATEWAY_CONFIG":
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
+        if not keys:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict | list) or value is None:
+            pass
+        elif not isinstance(value, str) and keys[-1] in ("client_secret", "cookie_name"):
+            value = raw
+        node: Any = data
+        for key in keys[:-1]:
+            if not isinstance(node, dict):
+                break
+            node = node.setdefault(key, {})
+        if isinstance(node, dict):
+            node[keys[-1]] = value
+        else:
+            problems.append(f"{name}: cannot be applied to {'.'.join(keys)}")
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "tuple[", "json-or-python")):
+            out += ("." if out else "") + str(part)
+    return out or "(top)"
+
+
+def validate(data: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Validate a parsed document (after env overlay); raise ConfigError with every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top): the file must hold a mapping of sections"])
+    data = _expand(data, env, "", problems)
+    _apply_env(data, env, problems)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "is required"
+            problems.append(f"{_loc(err['loc'])}: {msg}")
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def resolve_path(path: str | None, env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return path or env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (``$GATEWAY_CONFIG``, then ``config/gateway.yaml``) and validate it."""
+    file = Path(resolve_path(path, env))
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read the file ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{file}: not valid YAML{where}"]) from None
+    return validate(data, env)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The resolved config as plain data with every secret replaced by ``**********``."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    if settings.provider.client_secret is not None:
+        data["provider"]["client_secret"] = "**********"
+    data["session"]["cookie_secrets"] = ["**********" for _ in settings.session.cookie_secrets]
+    data["session"]["redis_url"] = _redact_url(settings.session.redis_url.get_secret_value())
+    return data
+
+
+def _redact_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":**********@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

@@ -1,0 +1,58 @@
+"""Login-flow state: state, nonce, PKCE verifier and return path, in a short-lived cookie.
+
+Each flow has its own cookie, named after a hash of its state and sealed with the state as
+associated data, so unauthenticated traffic writes nothing server-side, several tabs can log
+in at once, and a cookie only opens for the callback that carries its own state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from gateway.crypto import KeyRing, OpenError, pkce_pair, random_token, sha256_b64u
+
+_PURPOSE = b"gateway-login-state:"
+
+
+@dataclass(frozen=True, slots=True)
+class LoginState:
+    state: str
+    nonce: str
+    verifier: str
+    return_to: str
+    created_at: float
+
+    @classmethod
+    def new(cls, return_to: str, now: float | None = None) -> tuple[LoginState, str]:
+        """A fresh flow and its S256 code challenge."""
+        verifier, challenge = pkce_pair()
+        st = cls(random_token(32), random_token(32), verifier, return_to, now or time.time())
+        return st, challenge
+
+    @property
+    def flow_id(self) -> str:
+        return flow_id_for(self.state)
+
+    def seal(self, ring: KeyRing) -> str:
+        payload = json.dumps(asdict(self), separators=(",", ":")).encode()
+        return ring.seal_text(payload, _PURPOSE + self.state.encode())
+
+    @classmethod
+    def open(cls, value: str, state: str, ring: KeyRing) -> LoginState:
+        """Raise OpenError unless the cookie was sealed by us for exactly this state."""
+        raw = ring.open_text(value, _PURPOSE + state.encode())
+        try:
+            data = json.loads(raw)
+            st = cls(**data)
+        except (ValueError, TypeError):
+            raise OpenError("bad login state") from None
+        if st.state != state:
+            raise OpenError("state mismatch")
+        return st
+
+
+def flow_id_for(state: str) -> str:
+    """Short cookie-name-safe id of a flow: 16 base64url chars of sha256(state)."""
+    return sha256_b64u(state)[:16]

@@ -1,0 +1,192 @@
+"""Ending sessions: ``/oauth2/sign_out``, ``/oauth2/signed_out``, ``/oauth2/backchannel_logout``.
+
+Sign-out is a POST with a CSRF check (SECURITY.md 14); a GET only shows a confirmation form.
+It revokes the tokens (RFC 7009), deletes the session, and sends the browser to the
+provider's end_session_endpoint (RP-Initiated Logout 1.0) which returns it to
+``/oauth2/signed_out`` with the state we gave it. Back-channel logout follows OIDC
+Back-Channel Logout 1.0 §2.5-2.8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from gateway import keys
+from gateway.crypto import OpenError, b64u_encode, constant_time_equal, random_token
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    ProviderTransportError,
+    StoreError,
+    StoreUnavailable,
+    TokenValidationError,
+)
+from gateway.pages import NO_STORE, page
+from gateway.redirects import safe_redirect
+from gateway.session import Ticket
+from gateway.sessions import Loaded
+
+log = logging.getLogger("gateway.logout")
+_LOGOUT_PURPOSE = b"gateway-logout-state"
+SIGNED_OUT_PATH = "/oauth2/signed_out"
+
+
+def csrf_token(ticket: Ticket) -> str:
+    """Bound to the session's own key: only a page that can read our HTML knows it."""
+    return b64u_encode(hmac.new(ticket.key, b"gateway-sign-out", hashlib.sha256).digest())[:32]
+
+
+def _target(request: web.Request, rd: str | None) -> str:
+    settings = request.app[keys.SETTINGS]
+    own, allowed = settings.server.public_url, settings.logout.allowed_redirects
+    for candidate in (rd, settings.logout.post_logout_redirect):
+        if candidate:
+            ok = safe_redirect(candidate, own, allowed)
+            if ok is not None:
+                return ok
+    return "/"
+
+
+def _same_origin(request: web.Request) -> bool:
+    """Origin / Sec-Fetch-Site say the POST came from our own pages (or a direct navigation)."""
+    own = request.app[keys.SETTINGS].server.public_url.lower()
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() != own:
+        return False
+    site = request.headers.get("Sec-Fetch-Site")
+    return site is None or site in ("same-origin", "none")
+
+
+async def sign_out(request: web.Request) -> web.StreamResponse:
+    sessions = request.app[keys.SESSIONS]
+    cookies = request.app[keys.COOKIES]
+    loaded = await sessions.open(request.cookies.get(cookies.name))
+    if request.method in ("GET", "HEAD"):
+        return _confirm_page(request, loaded)
+    if request.method != "POST":
+        raise MethodNotAllowed()
+    form = await request.post()
+    rd = form.get("rd")
+    target = _target(request, rd if isinstance(rd, str) else None)
+    if loaded is None:
+        resp = web.HTTPSeeOther(target, headers=NO_STORE)
+        cookies.clear(resp, cookies.name)
+        return resp
+    token = form.get("csrf")
+    if (
+        not _same_origin(request)
+        or not isinstance(token, str)
+        or not constant_time_equal(token, csrf_token(loaded.ticket))
+    ):
+        raise Forbidden("The sign-out request did not come from this site.")
+    return await end_session(request, loaded, target)
+
+
+async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.StreamResponse:
+    app = request.app
+    provider, sessions, cookies = app[keys.PROVIDER], app[keys.SESSIONS], app[keys.COOKIES]
+    tokens = loaded.session.tokens
+    await sessions.destroy(loaded.ticket)
+    try:
+        meta = await provider.metadata()
+    except ProviderTransportError:
+        meta = None
+    if meta is not None:
+        # RFC 7009 §2: revoking the refresh token ends the grant; the access token too.
+        if tokens.refresh_token:
+            await provider.revoke(tokens.refresh_token, "refresh_token")
+        await provider.revoke(tokens.access_token, "access_token")
+    log.info("sign-out", extra={"sub": loaded.session.identity.sub})
+    state = random_token(24)
+    payload = json.dumps({"state": state, "target": target, "at": time.time()}).encode()
+    sealed = app[keys.RING].seal_text(payload, _LOGOUT_PURPOSE)
+    settings = app[keys.SETTINGS]
+    post_logout = settings.server.public_url + SIGNED_OUT_PATH
+    url = None
+    if meta is not None:
+        url = provider.end_session_url(meta, tokens.id_token, post_logout, state)
+    resp = web.HTTPSeeOther(url or f"{SIGNED_OUT_PATH}?state={state}", headers=NO_STORE)
+    cookies.clear(resp, cookies.name)
+    cookies.set(resp, cookies.name + "-logout", sealed, 600)
+    return resp
+
+
+def _confirm_page(request: web.Request, loaded: Loaded | None) -> web.StreamResponse:
+    rd = request.query.get("rd", "")
+    safe_rd = html.escape(rd if safe_redirect(rd, request.app[keys.SETTINGS].server.public_url,
+                                               request.app[keys.SETTINGS].logout.allowed_redirects) else "", quote=True)  # fmt: skip
+    if loaded is None:
+        return page("You are not signed in", '<p><a href="/">Continue</a></p>')
+    who = loaded.session.identity.email or loaded.session.identity.sub
+    body = (
+        f"<p>Signed in as <b>{html.escape(who)}</b>.</p>"
+        '<form method="post" action="/oauth2/sign_out">'
+        f'<input type="hidden" name="csrf" value="{csrf_token(loaded.ticket)}">'
+        f'<input type="hidden" name="rd" value="{safe_rd}">'
+        '<button type="submit">Sign out</button></form>'
+    )
+    return page("Sign out?", body)
+
+
+async def signed_out(request: web.Request) -> web.StreamResponse:
+    """Where the provider returns the browser after end_session (post_logout_redirect_uri)."""
+    cookies = request.app[keys.COOKIES]
+    name = cookies.name + "-logout"
+    target = "/"
+    raw = request.cookies.get(name)
+    state = request.query.get("state", "")
+    if raw:
+        try:
+            data = json.loads(request.app[keys.RING].open_text(raw, _LOGOUT_PURPOSE))
+            if state and constant_time_equal(str(data.get("state", "")), state):
+                target = str(data.get("target") or "/")
+        except (OpenError, ValueError, AttributeError):
+            pass
+    body = f'<p>You have been signed out.</p><p><a href="{html.escape(target, quote=True)}">Continue</a></p>'
+    resp = page("Signed out", body)
+    cookies.clear(resp, name)
+    cookies.clear(resp, cookies.name)
+    return resp
+
+
+async def backchannel_logout(request: web.Request) -> web.StreamResponse:
+    """OIDC Back-Channel Logout 1.0: end the sessions of a ``sid``, or of a ``sub``."""
+    app = request.app
+    provider, store = app[keys.PROVIDER], app[keys.STORE]
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise BadRequest("expected a form with logout_token")
+    form = await request.post()
+    token = form.get("logout_token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("logout_token is required")
+    try:
+        await provider.metadata()
+        claims = await provider.validator.validate_logout_token(token)
+    except TokenValidationError as exc:
+        log.info("back-channel logout token rejected: %s", exc.reason)
+        raise BadRequest("invalid logout_token") from None
+    except ProviderTransportError:
+        raise StoreUnavailable("The provider's keys could not be loaded; retry.") from None
+    try:
+        ttl = max(300.0, claims.exp - time.time() + 120)
+        if not await store.claim_once("jti:" + claims.jti, ttl):
+            raise BadRequest("logout_token replayed")
+        metas = await (
+            store.keys_for_sid(claims.sid) if claims.sid else store.keys_for_user(claims.sub or "")
+        )
+        if claims.sid and claims.sub:
+            metas = [m for m in metas if m.sub == claims.sub]
+        for meta in metas:
+            await store.delete(meta.key)
+    except StoreError:
+        raise StoreUnavailable() from None
+    log.info("back-channel logout ended %d session(s)", len(metas))
+    return web.json_response({"ended": len(metas)}, headers=NO_STORE)

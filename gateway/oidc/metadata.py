@@ -1,0 +1,75 @@
+"""Provider metadata: OpenID Connect Discovery 1.0, or endpoints named in the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import ProviderSettings
+
+# Only asymmetric algorithms: an HS* token could be forged with the public key (SECURITY.md 5).
+ASYMMETRIC_ALGS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMetadata:
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str | None = None
+    userinfo_endpoint: str | None = None
+    revocation_endpoint: str | None = None
+    end_session_endpoint: str | None = None
+    introspection_endpoint: str | None = None
+    signing_algs: tuple[str, ...] = ("RS256",)
+    iss_parameter_supported: bool = False
+    backchannel_logout_supported: bool = False
+
+    @classmethod
+    def from_discovery(cls, doc: dict[str, Any], settings: ProviderSettings) -> ProviderMetadata:
+        """Build from a discovery document; the config may override single endpoints."""
+        issuer = doc.get("issuer")
+        # OpenID Connect Discovery §4.3: the issuer in the document must be the one we asked.
+        if issuer != settings.issuer:
+            raise ValueError("the discovery document names another issuer")
+        algs = doc.get("id_token_signing_alg_values_supported") or ["RS256"]
+        allowed = tuple(a for a in algs if a in ASYMMETRIC_ALGS) or ("RS256",)
+
+        def pick(name: str) -> str | None:
+            configured = getattr(settings, name)
+            value = configured or doc.get(name)
+            return value if isinstance(value, str) and value else None
+
+        auth, token = pick("authorization_endpoint"), pick("token_endpoint")
+        if not auth or not token:
+            raise ValueError("the discovery document lacks authorization or token endpoint")
+        return cls(
+            issuer=issuer,
+            authorization_endpoint=auth,
+            token_endpoint=token,
+            jwks_uri=pick("jwks_uri"),
+            userinfo_endpoint=pick("userinfo_endpoint"),
+            revocation_endpoint=pick("revocation_endpoint"),
+            end_session_endpoint=pick("end_session_endpoint"),
+            introspection_endpoint=pick("introspection_endpoint"),
+            signing_algs=allowed,
+            iss_parameter_supported=bool(doc.get("authorization_response_iss_parameter_supported")),
+            backchannel_logout_supported=bool(doc.get("backchannel_logout_supported")),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: ProviderSettings) -> ProviderMetadata:
+        """A plain OAuth2 provider without discovery: every endpoint comes from the config."""
+        assert settings.authorization_endpoint and settings.token_endpoint
+        return cls(
+            issuer=settings.issuer or "",
+            authorization_endpoint=settings.authorization_endpoint,
+            token_endpoint=settings.token_endpoint,
+            jwks_uri=settings.jwks_uri,
+            userinfo_endpoint=settings.userinfo_endpoint,
+            revocation_endpoint=settings.revocation_endpoint,
+            end_session_endpoint=settings.end_session_endpoint,
+            introspection_endpoint=settings.introspection_endpoint,
+        )

@@ -1,0 +1,324 @@
+"""Forwarding a request the caller has already admitted to its upstream.
+
+Owns the wire side of proxying: the upstream URL, the header rules (via
+``gateway.headers``), streaming bodies both ways without buffering, WebSocket
+relaying, and turning transport failures into ``UpstreamError`` (502) and
+``UpstreamTimeout`` (504). It never decides who may pass: the caller hands it a
+``ProxyTarget`` with the path, identity headers and forwarding values already chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from yarl import URL
+
+from gateway.errors import BadRequest, MethodNotAllowed, UpstreamError, UpstreamTimeout
+from gateway.headers import client_headers, is_websocket_upgrade, upstream_headers
+
+__all__ = ["Forwarder", "ProxyTarget", "make_upstream_client"]
+
+log = logging.getLogger(__name__)
+
+# RFC 3986 §3.3 pchar minus "%": the decoded path is re-encoded exactly once.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# aiohttp would otherwise add these itself; the upstream must see only what the
+# client sent (an added Accept-Encoding would hand the client a body it cannot decode,
+# since responses pass through with auto_decompress=False).
+_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+# RFC 9110 §6.4.1: these answers never carry content.
+_NO_BODY_STATUS = frozenset({204, 304})
+# RFC 6455 §7.4.1: 1005, 1006 and 1015 must never be sent in a Close frame.
+_UNSENDABLE_CLOSE = {1005: 1000, 1006: 1011, 1015: 1011}
+_WS_CLOSE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class ProxyTarget:
+    """Everything the caller decided about one forwarded request."""
+
+    upstream: URL
+    path: str
+    query_string: str
+    inject: Mapping[str, str]
+    strip: frozenset[str]
+    strip_cookies: frozenset[str]
+    forwarded_for: str
+    forwarded_proto: str
+    forwarded_host: str
+    preserve_host: bool = False
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    websockets: bool = True
+    ws_max_msg_size: int = 4 * 1024 * 1024
+
+
+@functools.lru_cache(maxsize=256)
+def _upstream_base(upstream: URL) -> tuple[str, str, str]:
+    authority = upstream.host_port_subcomponent
+    if authority is None:
+        raise ValueError("upstream URL needs a host")
+    return upstream.scheme, authority, upstream.raw_path.rstrip("/")
+
+
+def upstream_url(target: ProxyTarget) -> URL:
+    """The upstream URL, built already encoded so yarl does not re-normalize it."""
+    scheme, authority, base = _upstream_base(target.upstream)
+    return URL.build(
+        scheme=scheme,
+        authority=authority,
+        path=base + quote(target.path, safe=_PATH_SAFE),
+        query_string=target.query_string,
+        encoded=True,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    # ``connect`` covers waiting for a pooled connection as well as the TCP/TLS
+    # handshake; ``sock_read`` bounds the gap between bytes, not the whole body, so
+    # long downloads and event streams live as long as data keeps coming.
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
+
+
+class _RedirectRefused(aiohttp.ClientError):
+    """The upstream answered a WebSocket handshake with a redirect."""
+
+
+async def _refuse_redirect(
+    session: aiohttp.ClientSession,
+    ctx: object,
+    params: aiohttp.TraceRequestRedirectParams,
+) -> None:
+    # ws_connect always follows redirects; following one would carry the identity
+    # headers to wherever the upstream points (SECURITY 18).
+    raise _RedirectRefused("upstream redirected")
+
+
+def make_upstream_client(
+    *, ca_file: str | None = None, verify_tls: bool = True, limit: int = 256
+) -> aiohttp.ClientSession:
+    """The shared upstream session: keep-alive pool, no cookie jar, no decompression.
+
+    Call it inside the running loop (a ``cleanup_ctx``); the caller closes it.
+    """
+    tls: ssl.SSLContext | bool = verify_tls
+    if verify_tls and ca_file is not None:
+        tls = ssl.create_default_context(cafile=ca_file)
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(_refuse_redirect)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ssl=tls, keepalive_timeout=4.0),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        timeout=_timeout(5.0, 60.0),
+        trace_configs=[trace],
+        trust_env=False,
+    )
+
+
+class Forwarder:
+    """Sends admitted requests upstream over one shared client session."""
+
+    def __init__(self, client: aiohttp.ClientSession) -> None:
+        self._client = client
+
+    async def forward(self, request: web.Request, target: ProxyTarget) -> web.StreamResponse:
+        if request.method == "CONNECT":
+            # A tunnel would escape every header rule below.
+            raise MethodNotAllowed()
+        url = upstream_url(target)
+        host = request.headers.get("Host") if target.preserve_host else None
+        if request.method == "GET" and is_websocket_upgrade(request.headers):
+            if not target.websockets:
+                raise BadRequest("WebSockets are not enabled on this route")
+            return await self._websocket(request, target, url, host)
+        has_body = request.body_exists
+        headers = upstream_headers(
+            request.headers,
+            strip=target.strip,
+            inject=target.inject,
+            strip_cookies=target.strip_cookies,
+            forwarded_for=target.forwarded_for,
+            forwarded_proto=target.forwarded_proto,
+            forwarded_host=target.forwarded_host,
+            host=host,
+            keep_content_length=has_body,
+        )
+        try:
+            upstream = await self._client.request(
+                request.method,
+                url,
+                headers=headers,
+                # Streamed as it arrives: chunked unless the client sent a length.
+                data=request.content if has_body else None,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                allow_redirects=False,
+                timeout=_timeout(target.connect_timeout, target.read_timeout),
+            )
+        except TimeoutError as exc:
+            raise UpstreamTimeout() from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError() from exc
+        async with upstream:
+            return await _relay(request, upstream, target.strip_cookies)
+
+    async def _websocket(
+        self, request: web.Request, target: ProxyTarget, url: URL, host: str | None
+    ) -> web.StreamResponse:
+        if not web.WebSocketResponse().can_prepare(request).ok:
+            raise BadRequest("Invalid WebSocket handshake.")
+        headers = upstream_headers(
+            request.headers,
+            strip=target.strip,
+            inject=target.inject,
+            strip_cookies=target.strip_cookies,
+            forwarded_for=target.forwarded_for,
+            forwarded_proto=target.forwarded_proto,
+            forwarded_host=target.forwarded_host,
+            host=host,
+            keep_content_length=False,
+            websocket=True,
+        )
+        offered = [
+            p.strip()
+            for value in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in value.split(",")
+            if p.strip()
+        ]
+        # Upstream first: a client must not see 101 for a connection that cannot exist.
+        try:
+            async with asyncio.timeout(target.connect_timeout + target.read_timeout):
+                upstream = await self._client.ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=offered,
+                    autoping=False,
+                    max_msg_size=target.ws_max_msg_size,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=_WS_CLOSE_TIMEOUT),
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout() from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError() from exc
+        try:
+            client = web.WebSocketResponse(
+                protocols=(upstream.protocol,) if upstream.protocol else (),
+                autoping=False,
+                max_msg_size=target.ws_max_msg_size,
+                timeout=_WS_CLOSE_TIMEOUT,
+            )
+            await client.prepare(request)
+            await _relay_websocket(client, upstream)
+        finally:
+            await upstream.close()
+        return client
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, strip_cookies: frozenset[str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=client_headers(upstream.headers, strip_cookies),
+    )
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        upstream.close()  # the client left before the headers went out
+        return response
+    if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
+        return response
+    try:
+        # Each chunk is written as it arrives so event streams and long polls flush
+        # immediately; write() waits for the client, which is the back-pressure that
+        # keeps memory flat whatever the body size.
+        async for chunk in upstream.content.iter_any():
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                # The client went away: stop reading and drop the upstream
+                # connection rather than pool a half-read one.
+                upstream.close()
+                return response
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        # The status line is already sent, so the only honest signal left is an
+        # incomplete message (RFC 9112 §8): close the client connection.
+        log.warning(
+            "upstream failed mid-response: %s %s (%s)",
+            request.method,
+            request.path,
+            type(exc).__name__,
+        )
+        upstream.close()
+        if request.transport is not None:
+            request.transport.close()
+    return response
+
+
+_WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump(source: _WebSocket, sink: _WebSocket) -> bytes:
+    """Copy frames one way until ``source`` closes; return its close reason.
+
+    Each send waits for the sink's transport, so a slow side slows the other down
+    instead of filling a queue. Pings and pongs travel end to end (autoping is off on
+    both legs), so liveness checks measure the real peer.
+    """
+    with contextlib.suppress(ConnectionError):
+        while True:
+            msg = await source.receive()
+            if msg.type is WSMsgType.TEXT:
+                await sink.send_str(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await sink.send_bytes(msg.data)
+            elif msg.type is WSMsgType.PING:
+                await sink.ping(msg.data)
+            elif msg.type is WSMsgType.PONG:
+                await sink.pong(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                # RFC 6455 §5.5: a control frame body is at most 125 bytes.
+                reason = str(msg.extra or "").encode()[:123]
+                return reason.decode(errors="ignore").encode()
+            else:  # CLOSING, CLOSED, ERROR
+                return b""
+    return b""
+
+
+async def _relay_websocket(
+    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
+    to_upstream = asyncio.create_task(_pump(client, upstream))
+    to_client = asyncio.create_task(_pump(upstream, client))
+    try:
+        done, _ = await asyncio.wait((to_upstream, to_client), return_when=asyncio.FIRST_COMPLETED)
+        # Whichever side closed first, the other is closed with the same code.
+        if to_upstream in done:
+            code = _sendable(client.close_code)
+            await upstream.close(code=code, message=to_upstream.result())
+        else:
+            code = _sendable(upstream.close_code)
+            await client.close(code=code, message=to_client.result())
+        await asyncio.wait((to_upstream, to_client), timeout=_WS_CLOSE_TIMEOUT)
+    finally:
+        for task in (to_upstream, to_client):
+            task.cancel()
+        await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+
+
+def _sendable(code: int | None) -> int:
+    if code is None:
+        return 1000
+    return _UNSENDABLE_CLOSE.get(code, code)

@@ -1,0 +1,63 @@
+"""Where a browser may be sent: same-origin paths, or origins on an explicit allowlist.
+
+Guards ``rd`` on /oauth2/start, the stored return path, and sign-out targets against open
+redirects (RFC 9700 §4.11.1, SECURITY.md 9). Anything doubtful is refused, not repaired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import unquote, urlsplit
+
+MAX_REDIRECT_LEN = 2048
+
+
+def _origin(scheme: str, netloc: str) -> str:
+    return f"{scheme.lower()}://{netloc.lower()}"
+
+
+def safe_redirect(target: str | None, own_origin: str, allowed: Iterable[str] = ()) -> str | None:
+    """The target if it is safe to redirect to, else None.
+
+    Accepted: a path starting with a single ``/`` (no ``//``, no ``/\\`` in any encoding), or an
+    absolute http(s) URL without credentials whose origin is ours or allowlisted.
+    """
+    if not target or len(target) > MAX_REDIRECT_LEN:
+        return None
+    decoded = target
+    for _ in range(3):  # look through up to three layers of percent-encoding
+        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in decoded) or "\\" in decoded:
+            return None
+        nxt = unquote(decoded)
+        if nxt == decoded:
+            break
+        decoded = nxt
+    if target.startswith("/"):
+        if decoded.startswith("//") or target.startswith("//"):
+            return None
+        parts = urlsplit(target)
+        if parts.scheme or parts.netloc:
+            return None
+        return target
+    parts = urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        return None
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return None
+    origin = _origin(parts.scheme, parts.netloc)
+    if origin == own_origin.lower() or origin in {a.lower() for a in allowed}:
+        return target
+    return None
+
+
+def same_origin_path(target: str, own_origin: str) -> str:
+    """An accepted target as what to send: our own absolute URLs become paths."""
+    if target.lower().startswith(own_origin.lower() + "/"):
+        return target[len(own_origin) :]
+    if target.lower() == own_origin.lower():
+        return "/"
+    return target

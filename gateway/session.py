@@ -1,0 +1,151 @@
+"""The session model: ``Tokens``, ``Identity``, ``Session``, and the ticket in the cookie.
+
+No I/O. The cookie holds a *ticket* (session id + per-session key) sealed under the cookie
+key ring; the store holds the session sealed under the per-session key, at a key derived from
+the session id alone, so neither a stolen Redis dump nor a stolen cookie secret alone yields a
+token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from gateway.crypto import Aead, KeyRing, OpenError, b64u_decode, b64u_encode
+
+SESSION_PURPOSE = b"gateway-session-ticket"
+_RECORD_PURPOSE = b"gateway-session-record"
+_ID_LEN = 16
+_KEY_LEN = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    access_token: str
+    token_type: str = "Bearer"
+    refresh_token: str | None = None
+    id_token: str | None = None
+    expires_at: float | None = None
+    refresh_expires_at: float | None = None
+    scope: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    sub: str
+    claims: dict[str, Any] = field(default_factory=dict)
+
+    def claim(self, name: str) -> Any:
+        if name == "sub":
+            return self.sub
+        return self.claims.get(name)
+
+    @property
+    def email(self) -> str | None:
+        v = self.claims.get("email")
+        return v if isinstance(v, str) else None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        v = self.claims.get("groups")
+        if isinstance(v, str):
+            return (v,)
+        if isinstance(v, list):
+            return tuple(str(g) for g in v)
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What the gateway knows about one signed-in browser."""
+
+    session_id: str  # hex of the random id, never sent anywhere
+    identity: Identity
+    tokens: Tokens
+    created_at: float
+    expires_at: float  # absolute lifetime end
+    provider_sid: str | None = None
+    refreshed_at: float | None = None
+    version: int = 1
+
+    def needs_refresh(self, now: float, skew: float) -> bool:
+        exp = self.tokens.expires_at
+        return exp is not None and exp - skew <= now
+
+    def access_token_valid(self, now: float) -> bool:
+        exp = self.tokens.expires_at
+        return exp is None or exp > now
+
+    def ttl(self, now: float, idle_timeout: float) -> float:
+        """Seconds the stored record lives: min(idle timeout, time left to the absolute end)."""
+        limit = self.expires_at
+        if self.tokens.refresh_expires_at is not None and self.tokens.refresh_token:
+            limit = min(limit, self.tokens.refresh_expires_at)
+        return max(0.0, min(idle_timeout, limit - now))
+
+    def with_tokens(self, tokens: Tokens, identity: Identity, now: float) -> Session:
+        return replace(
+            self, tokens=tokens, identity=identity, refreshed_at=now, version=self.version + 1
+        )
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Session:
+        data = json.loads(raw)
+        ident = data.pop("identity")
+        toks = data.pop("tokens")
+        toks["scope"] = tuple(toks.get("scope") or ())
+        return cls(identity=Identity(**ident), tokens=Tokens(**toks), **data)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """The session id and its per-session key: what the cookie carries, sealed."""
+
+    session_id: bytes
+    key: bytes
+
+    @classmethod
+    def new(cls) -> Ticket:
+        return cls(secrets.token_bytes(_ID_LEN), secrets.token_bytes(_KEY_LEN))
+
+    @property
+    def id_hex(self) -> str:
+        return self.session_id.hex()
+
+    @property
+    def store_key(self) -> str:
+        """Where the record lives: a hash of the id, so store keys cannot be turned into cookies."""
+        return hashlib.sha256(b"gateway-store-key\x00" + self.session_id).hexdigest()
+
+    def to_cookie(self, ring: KeyRing) -> str:
+        return ring.seal_text(self.session_id + self.key, SESSION_PURPOSE)
+
+    @classmethod
+    def from_cookie(cls, value: str, ring: KeyRing) -> Ticket:
+        """Open a cookie value; raise OpenError for anything not sealed by us."""
+        raw = ring.open_text(value, SESSION_PURPOSE)
+        if len(raw) != _ID_LEN + _KEY_LEN:
+            raise OpenError("bad ticket length")
+        return cls(raw[:_ID_LEN], raw[_ID_LEN:])
+
+    def seal_record(self, session: Session) -> bytes:
+        return Aead(self.key).seal(session.to_json(), _RECORD_PURPOSE + self.session_id)
+
+    def open_record(self, sealed: bytes) -> Session:
+        raw = Aead(self.key).open(sealed, _RECORD_PURPOSE + self.session_id)
+        return Session.from_json(raw)
+
+
+def encode_id(raw: bytes) -> str:
+    return b64u_encode(raw)
+
+
+def decode_id(text: str) -> bytes:
+    return b64u_decode(text)

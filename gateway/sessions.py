@@ -1,0 +1,276 @@
+"""Session lifecycle: cookie → ticket → stored session, creation, idle touch, refresh, removal.
+
+The hot path is one store GET. Refresh is the slow path: single-flight per session inside a
+process, and a store lock across processes; whoever wins re-reads the session under the lock
+and refreshes only if it still needs it, then saves the rotated refresh token before
+releasing the lock, so no other replica can ever present the old one (SECURITY.md 19).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import SessionSettings
+from gateway.crypto import KeyRing, OpenError
+from gateway.errors import (
+    OAuthError,
+    ProviderTransportError,
+    ProviderUnavailable,
+    StoreError,
+    StoreUnavailable,
+    TokenValidationError,
+)
+from gateway.oidc import ProviderClient, TokenResponse
+from gateway.session import Identity, Session, Ticket, Tokens
+from gateway.store import SessionMeta, SessionStore
+
+log = logging.getLogger("gateway.session")
+TOUCH_INTERVAL = 60.0
+# OAuth errors from a refresh that mean the grant is gone for good (RFC 6749 §5.2).
+_GRANT_GONE = frozenset({"invalid_grant", "unauthorized_client", "invalid_scope"})
+_PROTOCOL_CLAIMS = frozenset(
+    {"iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
+     "auth_time", "acr", "amr", "typ", "s_hash"}
+)  # fmt: skip
+
+
+class SessionEnded(Exception):
+    """The session is gone (expired, revoked, grant refused): the browser must log in again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    ticket: Ticket
+    session: Session
+
+
+def identity_from(id_claims: dict[str, Any], userinfo: dict[str, Any] | None) -> Identity:
+    """Identity claims from the ID token, completed by userinfo (same ``sub`` only)."""
+    claims = {k: v for k, v in id_claims.items() if k not in _PROTOCOL_CLAIMS}
+    sub = str(id_claims.get("sub") or "")
+    if userinfo and (not sub or userinfo.get("sub") == sub):
+        claims.update({k: v for k, v in userinfo.items() if k not in _PROTOCOL_CLAIMS})
+        sub = sub or str(userinfo.get("sub") or userinfo.get("id") or "")
+    claims.pop("sub", None)
+    return Identity(sub=sub, claims=claims)
+
+
+def tokens_from(resp: TokenResponse, now: float, previous: Tokens | None = None) -> Tokens:
+    return Tokens(
+        access_token=resp.access_token,
+        token_type=resp.token_type,
+        # A provider that does not rotate refresh tokens keeps the old one valid.
+        refresh_token=resp.refresh_token or (previous.refresh_token if previous else None),
+        id_token=resp.id_token or (previous.id_token if previous else None),
+        expires_at=now + resp.expires_in if resp.expires_in is not None else None,
+        refresh_expires_at=(
+            now + resp.refresh_expires_in
+            if resp.refresh_expires_in
+            else (previous.refresh_expires_at if previous and not resp.refresh_token else None)
+        ),
+        scope=resp.scope if resp.scope is not None else (previous.scope if previous else ()),
+    )
+
+
+class SessionManager:
+    def __init__(
+        self,
+        settings: SessionSettings,
+        store: SessionStore,
+        ring: KeyRing,
+        provider: ProviderClient,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.ring = ring
+        self.provider = provider
+        self.clock = clock
+        self._touched: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Future[Session]] = {}
+        self.refresh_count = 0
+
+    # -- load / save -----------------------------------------------------------------------
+
+    async def open(self, cookie_value: str | None) -> Loaded | None:
+        """The session a cookie points at, or None for any bad, unknown or expired cookie."""
+        if not cookie_value:
+            return None
+        try:
+            ticket = Ticket.from_cookie(cookie_value, self.ring)
+        except OpenError:
+            return None
+        session = await self._read(ticket)
+        return Loaded(ticket, session) if session else None
+
+    async def _read(self, ticket: Ticket) -> Session | None:
+        try:
+            raw = await self.store.load(ticket.store_key)
+        except StoreError:
+            raise StoreUnavailable() from None
+        if raw is None:
+            return None
+        try:
+            session = ticket.open_record(raw)
+        except (OpenError, ValueError, TypeError, KeyError):
+            return None
+        if session.expires_at <= self.clock():
+            return None
+        return session
+
+    async def save(self, ticket: Ticket, session: Session) -> None:
+        now = self.clock()
+        ttl = session.ttl(now, self.settings.idle_timeout)
+        if ttl <= 0:
+            raise SessionEnded()
+        meta = SessionMeta(
+            key=ticket.store_key,
+            sub=session.identity.sub,
+            provider_sid=session.provider_sid,
+            created_at=session.created_at,
+            expires_at=session.expires_at,
+        )
+        try:
+            await self.store.save(meta, ticket.seal_record(session), ttl)
+        except StoreError:
+            raise StoreUnavailable() from None
+        self._touched[ticket.store_key] = now
+
+    async def create(
+        self, identity: Identity, tokens: Tokens, provider_sid: str | None
+    ) -> tuple[Ticket, Session]:
+        """A brand-new session under a brand-new id (SECURITY.md 12: no fixation)."""
+        now = self.clock()
+        ticket = Ticket.new()
+        session = Session(
+            session_id=ticket.id_hex,
+            identity=identity,
+            tokens=tokens,
+            created_at=now,
+            expires_at=now + self.settings.max_lifetime,
+            provider_sid=provider_sid,
+        )
+        await self.save(ticket, session)
+        return ticket, session
+
+    async def touch(self, loaded: Loaded) -> None:
+        """Slide the idle timeout, writing at most once a minute per session and process."""
+        now = self.clock()
+        key = loaded.ticket.store_key
+        if now - self._touched.get(key, 0.0) < TOUCH_INTERVAL:
+            return
+        if len(self._touched) > 100_000:
+            self._touched.clear()
+        self._touched[key] = now
+        ttl = loaded.session.ttl(now, self.settings.idle_timeout)
+        try:
+            await self.store.touch(key, ttl)
+        except StoreError:
+            log.warning("could not extend a session's idle timeout: store unavailable")
+
+    async def destroy(self, ticket: Ticket) -> None:
+        self._touched.pop(ticket.store_key, None)
+        try:
+            await self.store.delete(ticket.store_key)
+        except StoreError:
+            raise StoreUnavailable() from None
+
+    # -- refresh ---------------------------------------------------------------------------
+
+    async def fresh(self, loaded: Loaded) -> Session:
+        """The session with an access token good for at least ``refresh_skew``.
+
+        Raises SessionEnded (log in again) or ProviderUnavailable (503, the session is kept).
+        """
+        session = loaded.session
+        now = self.clock()
+        if not session.needs_refresh(now, self.settings.refresh_skew):
+            return session
+        if not session.tokens.refresh_token:
+            if session.access_token_valid(now):
+                return session
+            raise SessionEnded()
+        key = loaded.ticket.store_key
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._inflight[key] = pending
+            try:
+                pending.set_result(await self._refresh_locked(loaded.ticket, session))
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # retrieved here; every waiter re-raises it
+            finally:
+                del self._inflight[key]
+        return await asyncio.shield(pending)
+
+    async def _refresh_locked(self, ticket: Ticket, stale: Session) -> Session:
+        wait = self.provider.settings.timeout + 5.0
+        try:
+            async with self.store.lock("refresh:" + ticket.store_key, ttl=wait, wait=wait) as won:
+                current = await self._read(ticket)
+                if current is None:
+                    raise SessionEnded()
+                now = self.clock()
+                if not current.needs_refresh(now, self.settings.refresh_skew):
+                    return current  # another process refreshed it while we waited
+                if not won:
+                    return self._keep_or_fail(current, now)
+                return await self._refresh(ticket, current)
+        except StoreError:
+            raise StoreUnavailable() from None
+
+    def _keep_or_fail(self, session: Session, now: float) -> Session:
+        if session.access_token_valid(now):
+            return session
+        raise ProviderUnavailable()
+
+    async def _refresh(self, ticket: Ticket, session: Session) -> Session:
+        refresh_token = session.tokens.refresh_token
+        if not refresh_token:
+            raise SessionEnded()
+        self.refresh_count += 1
+        try:
+            resp = await self.provider.refresh(refresh_token)
+        except OAuthError as exc:
+            if exc.error in _GRANT_GONE:
+                log.info("refresh refused (%s): session ended", exc.error)
+                await self._drop(ticket)
+                raise SessionEnded() from None
+            log.warning("refresh failed with %s; keeping the session", exc.error)
+            return self._keep_or_fail(session, self.clock())
+        except ProviderTransportError as exc:
+            log.warning("refresh failed: %s; keeping the session", exc)
+            return self._keep_or_fail(session, self.clock())
+        now = self.clock()
+        id_claims: dict[str, Any] = {}
+        if resp.id_token:
+            try:
+                id_claims = await self.provider.validator.validate_id_token(
+                    resp.id_token, nonce=None, expect_sub=session.identity.sub
+                )
+            except (TokenValidationError, ProviderTransportError) as exc:
+                log.warning("refreshed ID token rejected: %s", getattr(exc, "reason", exc))
+                await self._drop(ticket)
+                raise SessionEnded() from None
+        userinfo = None
+        if self.provider.settings.userinfo_endpoint or (self.provider.loaded):
+            userinfo = await self.provider.userinfo(resp.access_token)
+        identity = session.identity
+        if id_claims or userinfo:
+            base = {"sub": session.identity.sub, **session.identity.claims, **id_claims}
+            identity = identity_from(base, userinfo)
+        updated = session.with_tokens(tokens_from(resp, now, session.tokens), identity, now)
+        await self.save(ticket, updated)
+        return updated
+
+    async def _drop(self, ticket: Ticket) -> None:
+        try:
+            await self.destroy(ticket)
+        except StoreUnavailable:
+            log.warning("could not delete an ended session: store unavailable")

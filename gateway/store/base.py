@@ -1,0 +1,72 @@
+"""The ``SessionStore`` protocol that every store implements, and the factory from settings.
+
+Stores hold opaque sealed bytes under opaque keys; they never see a cookie or a token in the
+clear. Beside each record they keep a small plaintext ``SessionMeta`` (sub, provider sid,
+times) and indexes from ``sub`` and provider ``sid`` to keys, so back-channel logout and
+``gateway sessions`` find sessions without decrypting them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from gateway.config import SessionSettings
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    key: str
+    sub: str
+    provider_sid: str | None
+    created_at: float
+    expires_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> SessionMeta:
+        return cls(**json.loads(raw))
+
+
+class SessionStore(Protocol):
+    """Every method raises ``gateway.errors.StoreError`` when the backend does not answer."""
+
+    async def load(self, key: str) -> bytes | None: ...
+
+    async def save(self, meta: SessionMeta, sealed: bytes, ttl: float) -> None: ...
+
+    async def touch(self, key: str, ttl: float) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def keys_for_user(self, sub: str) -> list[SessionMeta]: ...
+
+    async def keys_for_sid(self, sid: str) -> list[SessionMeta]: ...
+
+    def all_sessions(self) -> AsyncIterator[SessionMeta]: ...
+
+    def lock(self, name: str, ttl: float, wait: float) -> AbstractAsyncContextManager[bool]:
+        """Hold a lock shared by every gateway process; yields False when not won within wait."""
+        ...
+
+    async def claim_once(self, name: str, ttl: float) -> bool:
+        """True the first time ``name`` is claimed within ``ttl`` (replay caches)."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(settings: SessionSettings) -> SessionStore:
+    from gateway.store.memory import MemoryStore
+    from gateway.store.redis import RedisStore
+
+    if settings.store == "memory":
+        return MemoryStore()
+    return RedisStore.from_url(settings.redis_url.get_secret_value(), prefix=settings.key_prefix)
