@@ -15,10 +15,12 @@ import aiohttp
 from aiohttp import web
 
 from gateway import keys, login, logout
+from gateway.bearer import BearerVerifier
 from gateway.config import Settings
 from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing, decode_secret
 from gateway.errors import ProviderTransportError, StoreError
+from gateway.forward_auth import ForwardAuth
 from gateway.gate import Gate
 from gateway.metrics import METRICS, Metrics, metrics_handler
 from gateway.middleware import access_log, errors
@@ -31,7 +33,7 @@ from gateway.sessions import SessionManager
 from gateway.store import SessionStore, open_store
 
 log = logging.getLogger("gateway")
-STORE_FACTORY = web.AppKey("store_factory", Callable[[], SessionStore])
+STORE_FACTORY: web.AppKey[Callable[[], SessionStore]] = web.AppKey("store_factory")
 
 
 def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.Application:
@@ -58,6 +60,9 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app.router.add_get("/oauth2/start", login.start)
     app.router.add_get("/oauth2/callback", login.callback)
     app.router.add_get("/oauth2/userinfo", login.userinfo)
+    forward_auth = ForwardAuth(settings)
+    app.router.add_route("*", "/oauth2/auth", forward_auth.handle)
+    app.router.add_route("*", "/oauth2/auth/{tail:.*}", forward_auth.handle)  # Envoy path_prefix
     app.router.add_route("*", "/oauth2/sign_out", logout.sign_out)
     app.router.add_get(logout.SIGNED_OUT_PATH, logout.signed_out)
     app.router.add_post("/oauth2/backchannel_logout", logout.backchannel_logout)
@@ -82,6 +87,7 @@ async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
     provider = ProviderClient(settings.provider, settings.redirect_uri, http)
     app[keys.PROVIDER] = provider
     app[keys.SESSIONS] = SessionManager(settings.session, app[keys.STORE], app[keys.RING], provider)
+    app[keys.BEARER] = BearerVerifier(provider, settings.provider)
     try:
         await provider.load()
     except ProviderTransportError as exc:

@@ -61,7 +61,14 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # coerce_numbers_to_str: a numeric client_id or key_prefix in YAML is still a string.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+def _raise_keyed(problems: list[str]) -> None:
+    """From a model validator: ``"@key: problem"`` lines, which validate() files under the key."""
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 class ServerSettings(_Model):
@@ -111,13 +118,15 @@ class ProviderSettings(_Model):
 
     @model_validator(mode="after")
     def _endpoints(self) -> ProviderSettings:
+        problems = []
         if not self.issuer and not (self.authorization_endpoint and self.token_endpoint):
-            raise ValueError(
-                "set issuer (OpenID discovery) or authorization_endpoint and token_endpoint"
+            problems.append(
+                "@issuer: set issuer (OpenID discovery) or authorization_endpoint and token_endpoint"
             )
         method = self.effective_auth_method
         if method != "none" and self.client_secret is None:
-            raise ValueError(f"client_auth_method {method} needs client_secret")
+            problems.append(f"@client_secret: client_auth_method {method} needs client_secret")
+        _raise_keyed(problems)
         return self
 
     @property
@@ -132,7 +141,10 @@ def _cookie_secret(v: Any) -> Any:
     if not isinstance(raw, str):
         raise ValueError("must be a base64 string of 32 random bytes (gateway gen-secret)")
     try:
-        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        # validate=True: the lenient decoder skips junk and stops at the first '=', so two
+        # secrets pasted together would pass as the first one alone.
+        std = raw.replace("-", "+").replace("_", "/")
+        decoded = base64.b64decode(std + "=" * (-len(std) % 4), validate=True)
     except ValueError:
         decoded = b""
     if len(decoded) != 32:
@@ -166,12 +178,16 @@ class SessionSettings(_Model):
 
     @model_validator(mode="after")
     def _prefix(self) -> SessionSettings:
+        problems = []
         if self.cookie_name.startswith("__Host-") and not self.cookie_secure:
-            raise ValueError("a __Host- cookie needs cookie_secure: true")
+            problems.append("@cookie_name: a __Host- cookie needs cookie_secure: true")
         if self.cookie_samesite == "none" and not self.cookie_secure:
-            raise ValueError("cookie_samesite none needs cookie_secure: true")
-        if self.idle_timeout <= 0 or self.max_lifetime <= 0:
-            raise ValueError("idle_timeout and max_lifetime must be positive")
+            problems.append("@cookie_samesite: none needs cookie_secure: true")
+        if self.idle_timeout <= 0:
+            problems.append("@idle_timeout: must be positive")
+        if self.max_lifetime <= 0:
+            problems.append("@max_lifetime: must be positive")
+        _raise_keyed(problems)
         return self
 
 
@@ -302,26 +318,34 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: list[str]) 
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
-    """Overlay ``GATEWAY_<SECTION>__<KEY>=value``; values are YAML scalars or flow collections."""
+    """Overlay ``GATEWAY_<SECTION>__<KEY>=value``.
+
+    A value in ``[...]`` or ``{...}`` is a YAML flow collection and ``null`` is None; anything
+    else is taken verbatim (pydantic turns ``true`` or ``4180`` into the field's type), so a
+    secret holding ``#``, ``&`` or ``: `` is never cut short by YAML syntax.
+    """
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == "GATEWAY_CONFIG":
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
         if not keys:
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, dict | list) or value is None:
-            pass
-        elif not isinstance(value, str) and keys[-1] in ("client_secret", "cookie_name"):
-            value = raw
+        value: Any = raw
+        if raw.strip().startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                problems.append(f"{name}: not a valid YAML flow list or mapping")
+                continue
+        elif raw.strip() in ("null", "~"):
+            value = None
         node: Any = data
         for key in keys[:-1]:
             if not isinstance(node, dict):
                 break
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # an empty section in YAML reads as null
+                node[key] = {}
+            node = node[key]
         if isinstance(node, dict):
             node[keys[-1]] = value
         else:
@@ -351,13 +375,24 @@ def validate(data: Any, env: Mapping[str, str] | None = None) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        for err in exc.errors():
+        errors = exc.errors()
+        failed = [err["loc"] for err in errors if err["type"] != "too_short"]
+        for err in errors:
+            loc = err["loc"]
+            # pydantic adds "at least 1 item" to a list whose only items failed: one problem.
+            if err["type"] == "too_short" and any(f[: len(loc)] == loc for f in failed):
+                continue
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "missing":
                 msg = "is required"
-            problems.append(f"{_loc(err['loc'])}: {msg}")
+            for line in msg.split("\n"):
+                key, sep, rest = line.partition(": ")
+                if key.startswith("@") and sep:
+                    problems.append(f"{_loc((*loc, key[1:]))}: {rest}")
+                else:
+                    problems.append(f"{_loc(loc)}: {line}")
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)

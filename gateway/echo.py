@@ -86,9 +86,12 @@ async def echo(request: web.Request) -> web.Response:
     digest = hashlib.sha256()
     length = 0
     # Hashed as it arrives and never stored, so huge uploads cost no memory here.
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        digest.update(chunk)
-        length += len(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            digest.update(chunk)
+            length += len(chunk)
+    except ConnectionError:  # the sender gave up mid-body; nobody reads an answer
+        return web.Response(status=400, text="incomplete body")
     headers = _raw_headers(request)
     if _prefers_html(request.headers.get("Accept", "")):
         rows = "".join(
@@ -173,6 +176,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = remaining
     await response.prepare(request)
+    if request.method == "HEAD":  # RFC 9110 §9.3.2: the headers of a GET, no content
+        return response
     with contextlib.suppress(ConnectionError):  # the reader may leave early
         while remaining > 0:
             chunk = _PATTERN if remaining >= len(_PATTERN) else _PATTERN[:remaining]

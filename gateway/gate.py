@@ -14,6 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway import keys
+from gateway.bearer import admit, bearer_token
 from gateway.config import DEFAULT_IDENTITY_HEADERS, Settings
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from gateway.login import start_url
@@ -24,7 +25,6 @@ from gateway.session import Identity, Session
 from gateway.sessions import SessionEnded
 
 ASSERTION_HEADER = "X-Gateway-Assertion"
-CLEAR_SESSION = "gateway.clear_session_cookie"  # request key read by the error middleware
 
 
 def header_key(name: str) -> str:
@@ -73,6 +73,7 @@ class Gate:
         public = URL(settings.server.public_url)
         self.public_host = public.raw_authority
         self.public_proto = public.scheme
+        self.upstreams = [URL(r.upstream) for r in settings.routes]
 
     def _trusted(self, peer: str | None) -> bool:
         if not peer or not self.trusted:
@@ -111,11 +112,15 @@ class Gate:
         sessions = app[keys.SESSIONS]
         loaded = await sessions.open(request.cookies.get(cookies.name))
         if loaded is None:
+            if route.settings.accept_bearer:
+                token = bearer_token(request.headers)
+                if token is not None:
+                    return await self._bearer(request, route, path, token)
             raise self.unauthenticated(request, route, path)
         try:
             session = await sessions.fresh(loaded)
         except SessionEnded:
-            request[CLEAR_SESSION] = True
+            request[keys.CLEAR_SESSION] = True
             raise self.unauthenticated(request, route, path) from None
         decision = check_requirements(route.settings, session.identity, session.tokens.scope)
         if not decision.allowed:
@@ -125,6 +130,16 @@ class Gate:
         inject = self.inject_for(route, session)
         strip = self.strip_with_auth if route.settings.pass_access_token else self.strip
         return await self._forward(request, route, path, inject, strip, self._own_cookies(request))
+
+    async def _bearer(
+        self, request: web.Request, route: Route, path: str, token: str
+    ) -> web.StreamResponse:
+        """An API client with its own token (``accept_bearer``): no session is created; the
+        upstream gets the identity from the token and the client's token as Authorization."""
+        principal = await admit(request.app[keys.BEARER], route, token)
+        inject = identity_headers(route.settings.identity_headers, principal.identity)
+        inject["Authorization"] = f"Bearer {token}"
+        return await self._forward(request, route, path, inject, self.strip_with_auth, None)
 
     def inject_for(self, route: Route, session: Session) -> dict[str, str]:
         inject = identity_headers(route.settings.identity_headers, session.identity)
@@ -150,9 +165,11 @@ class Gate:
             own_cookies = self._own_cookies(request) if request.cookies else ()
         xff, proto, host = self.forwarded(request)
         target = ProxyTarget(
-            upstream=URL(rs.upstream),
+            upstream=self.upstreams[route.index],
             path=path,
-            query_string=request.query_string,
+            # The raw query, byte for byte: yarl's ``query_string`` is percent-decoded, and
+            # re-sent "encoded" it would put spaces (even CR/LF) into the request line.
+            query_string=request.rel_url.raw_query_string,
             inject=inject,
             strip=strip,
             strip_cookies=frozenset(own_cookies),
@@ -172,6 +189,7 @@ class Gate:
         if (mode == "login" and request.method in ("GET", "HEAD")) or (
             mode == "auto" and navigation
         ):
-            return_to = path + ("?" + request.query_string if request.query_string else "")
+            query = request.rel_url.raw_query_string
+            return_to = path + ("?" + query if query else "")
             return web.HTTPFound(start_url(return_to), headers={"Cache-Control": "no-store"})
         return Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})

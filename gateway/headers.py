@@ -144,7 +144,9 @@ def upstream_headers(
         ):
             if norm == "cookie" and norm not in listed:
                 cookies.append(value)
-            elif norm == "content-length" and keep_content_length:
+            elif keep_content_length and name.lower() == "content-length":
+                # Exact spelling only: a CGI-style server would read Content_Length
+                # as the length too, next to chunked framing (request smuggling).
                 out.add(name, value)
             continue
         out.add(name, value)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway.bearer import BearerVerifier
 from gateway.config import Settings
 from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing
@@ -20,8 +21,13 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", Settings)
 RING = web.AppKey("ring", KeyRing)
 COOKIES = web.AppKey("cookies", CookiePolicy)
-STORE = web.AppKey("store", SessionStore)  # type: ignore[type-abstract]
+STORE = web.AppKey("store", SessionStore)
 PROVIDER = web.AppKey("provider", ProviderClient)
 SESSIONS = web.AppKey("sessions", SessionManager)
 ROUTES = web.AppKey("routes", RouteTable)
 FORWARDERS = web.AppKey("forwarders", dict[int, "Forwarder"])
+BEARER = web.AppKey("bearer", BearerVerifier)
+
+# Per-request values.
+REQUEST_ID = web.RequestKey("request_id", str)
+CLEAR_SESSION = web.RequestKey("clear_session_cookie", bool)

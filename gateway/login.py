@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+import secrets
 import time
 
 from aiohttp import web
@@ -30,7 +31,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.flow import LoginState, flow_id_for
-from gateway.pages import NO_STORE, page
+from gateway.pages import NO_STORE, page, redirect
 from gateway.redirects import safe_redirect, same_origin_path
 from gateway.sessions import identity_from, tokens_from
 
@@ -69,26 +70,43 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     except ProviderTransportError:
         raise ProviderUnavailable() from None
     now = time.time()
-    flow, challenge = LoginState.new(return_to, now)
-    resp = web.HTTPFound(provider.authorization_url(meta, flow.state, flow.nonce, challenge))
-    resp.headers.update(NO_STORE)
     # Cap the flows in progress so a burst of parallel logins never grows the Cookie
-    # header past a server's limit (SECURITY.md 10): drop the oldest beyond the cap.
-    existing = sorted(
-        (
-            (_stamp(v), name)
-            for name, v in request.cookies.items()
-            if name.startswith(cookies.login_prefix)
-        ),
-        reverse=True,
-    )
-    for _, name in existing[settings.session.max_login_flows - 1 :]:
-        cookies.clear(resp, name)
+    # header past a server's limit (SECURITY.md 10). Flow cookies live in a fixed set of
+    # ``max_login_flows`` slots: a new flow takes a free slot, else the oldest one, so
+    # even requests sent in parallel (which cannot see each other's cookies) overwrite
+    # each other instead of piling up. The slot is a function of the state, so the
+    # callback finds the cookie without trying each; a fresh state is drawn until it
+    # falls in the chosen slot (about ``max_login_flows`` draws).
+    slots = settings.session.max_login_flows
+    used = {
+        i: _stamp(v)
+        for i in range(slots)
+        if (v := request.cookies.get(_flow_cookie(cookies.login_prefix, i))) is not None
+    }
+    free = [i for i in range(slots) if i not in used]
+    target = secrets.choice(free) if free else min(used, key=lambda i: used[i])
+    while True:
+        flow, challenge = LoginState.new(return_to, now)
+        if _slot_for(flow.state, slots) == target:
+            break
+    resp = redirect(provider.authorization_url(meta, flow.state, flow.nonce, challenge))
     value = f"{int(now)}.{flow.seal(request.app[keys.RING])}"
     cookies.set(
-        resp, cookies.login_prefix + flow.flow_id, value, int(settings.session.login_timeout)
+        resp,
+        _flow_cookie(cookies.login_prefix, target),
+        value,
+        int(settings.session.login_timeout),
     )
     return resp
+
+
+def _slot_for(state: str, slots: int) -> int:
+    """Which login-state cookie slot a flow's state belongs to."""
+    return flow_id_for(state).encode()[0] % slots
+
+
+def _flow_cookie(prefix: str, slot: int) -> str:
+    return f"{prefix}{slot}"
 
 
 def _stamp(value: str) -> int:
@@ -116,7 +134,9 @@ async def _callback(request: web.Request) -> web.StreamResponse:
     state = q.get("state", "")
     if not _STATE_RE.match(state):
         raise LoginFlowError("The sign-in response has no valid state. Please start again.")
-    cookie_name = cookies.login_prefix + flow_id_for(state)
+    cookie_name = _flow_cookie(
+        cookies.login_prefix, _slot_for(state, settings.session.max_login_flows)
+    )
     raw = request.cookies.get(cookie_name)
     if raw is None or "." not in raw:
         raise LoginFlowError(
@@ -143,8 +163,8 @@ async def _callback(request: web.Request) -> web.StreamResponse:
 
     error = q.get("error")
     if error is not None:
-        code = error if _OAUTH_ERROR_RE.match(error) else "invalid_response"
-        raise ProviderDenied(code, q.get("error_description"))
+        err = error if _OAUTH_ERROR_RE.match(error) else "invalid_response"
+        raise ProviderDenied(err, q.get("error_description"))
     code = q.get("code")
     if not code:
         raise LoginFlowError("The sign-in response has no authorization code.")
@@ -196,7 +216,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         await sessions.destroy(previous.ticket)
     log.info("login", extra={"sub": identity.sub})
 
-    resp = web.HTTPFound(flow.return_to or "/")
+    resp = redirect(flow.return_to or "/")
     cookies.clear(resp, cookie_name)
     cookies.set(
         resp, cookies.name, ticket.to_cookie(app[keys.RING]), int(settings.session.max_lifetime)

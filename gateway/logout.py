@@ -29,7 +29,7 @@ from gateway.errors import (
     StoreUnavailable,
     TokenValidationError,
 )
-from gateway.pages import NO_STORE, page
+from gateway.pages import NO_STORE, page, redirect
 from gateway.redirects import safe_redirect
 from gateway.session import Ticket
 from gateway.sessions import Loaded
@@ -77,7 +77,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     rd = form.get("rd")
     target = _target(request, rd if isinstance(rd, str) else None)
     if loaded is None:
-        resp = web.HTTPSeeOther(target, headers=NO_STORE)
+        resp = redirect(target, 303)
         cookies.clear(resp, cookies.name)
         return resp
     token = form.get("csrf")
@@ -113,7 +113,7 @@ async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.
     url = None
     if meta is not None:
         url = provider.end_session_url(meta, tokens.id_token, post_logout, state)
-    resp = web.HTTPSeeOther(url or f"{SIGNED_OUT_PATH}?state={state}", headers=NO_STORE)
+    resp = redirect(url or f"{SIGNED_OUT_PATH}?state={state}", 303)
     cookies.clear(resp, cookies.name)
     cookies.set(resp, cookies.name + "-logout", sealed, 600)
     return resp
@@ -133,7 +133,10 @@ def _confirm_page(request: web.Request, loaded: Loaded | None) -> web.StreamResp
         f'<input type="hidden" name="rd" value="{safe_rd}">'
         '<button type="submit">Sign out</button></form>'
     )
-    return page("Sign out?", body)
+    # Under the default no-referrer policy browsers send `Origin: null` with the form's POST
+    # (Fetch §3.1 "serializing a request origin"), which _same_origin must refuse; same-origin
+    # lets the real Origin through and still sends no referrer to other sites.
+    return page("Sign out?", body, headers={"Referrer-Policy": "same-origin"})
 
 
 async def signed_out(request: web.Request) -> web.StreamResponse:

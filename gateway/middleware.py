@@ -16,18 +16,16 @@ from aiohttp.typedefs import Handler
 
 from gateway import keys
 from gateway.errors import GatewayError, ProviderDenied
-from gateway.gate import CLEAR_SESSION
 from gateway.login import denied_page
 from gateway.pages import error_response
 
 log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.error")
-REQUEST_ID = "gateway.request_id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
 
 def _clear_if_asked(request: web.Request, resp: web.StreamResponse) -> None:
-    if request.get(CLEAR_SESSION) and not resp.prepared:
+    if request.get(keys.CLEAR_SESSION) and not resp.prepared:
         cookies = request.app[keys.COOKIES]
         cookies.clear(resp, cookies.name)
 
@@ -61,7 +59,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     rid = request.headers.get("X-Request-Id", "")
     if not _REQUEST_ID_RE.match(rid):
         rid = secrets.token_hex(16)
-    request[REQUEST_ID] = rid
+    request[keys.REQUEST_ID] = rid
     start = time.perf_counter()
     status = 500
     try:

@@ -117,7 +117,9 @@ def check_requirements(route: RouteSettings, identity: Identity, scopes: Sequenc
     if req.groups and not set(req.groups) & set(identity.groups):
         return Decision(False, "not in a required group")
     email = identity.email
-    verified = identity.claims.get("email_verified", True) is not False
+    # Absent means the provider does not say; some providers (Amazon Cognito) send "false".
+    flag = identity.claims.get("email_verified", True)
+    verified = flag is not False and not (isinstance(flag, str) and flag.lower() == "false")
     if req.emails or req.email_domains:
         if not email or not verified or email.count("@") != 1:
             return Decision(False, "no verified email")

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import BadRequest, MethodNotAllowed, UpstreamError, UpstreamTimeout
@@ -95,9 +96,7 @@ class _RedirectRefused(aiohttp.ClientError):
 
 
 async def _refuse_redirect(
-    session: aiohttp.ClientSession,
-    ctx: object,
-    params: aiohttp.TraceRequestRedirectParams,
+    session: aiohttp.ClientSession, ctx: object, params: aiohttp.TraceRequestRedirectParams
 ) -> None:
     # ws_connect always follows redirects; following one would carry the identity
     # headers to wherever the upstream points (SECURITY 18).
@@ -137,29 +136,16 @@ class Forwarder:
         if request.method == "CONNECT":
             # A tunnel would escape every header rule below.
             raise MethodNotAllowed()
-        url = upstream_url(target)
-        host = request.headers.get("Host") if target.preserve_host else None
         if request.method == "GET" and is_websocket_upgrade(request.headers):
             if not target.websockets:
                 raise BadRequest("WebSockets are not enabled on this route")
-            return await self._websocket(request, target, url, host)
+            return await self._websocket(request, target)
         has_body = request.body_exists
-        headers = upstream_headers(
-            request.headers,
-            strip=target.strip,
-            inject=target.inject,
-            strip_cookies=target.strip_cookies,
-            forwarded_for=target.forwarded_for,
-            forwarded_proto=target.forwarded_proto,
-            forwarded_host=target.forwarded_host,
-            host=host,
-            keep_content_length=has_body,
-        )
         try:
             upstream = await self._client.request(
                 request.method,
-                url,
-                headers=headers,
+                upstream_url(target),
+                headers=_headers(request, target, has_body=has_body),
                 # Streamed as it arrives: chunked unless the client sent a length.
                 data=request.content if has_body else None,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
@@ -169,39 +155,26 @@ class Forwarder:
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
         except (aiohttp.ClientError, OSError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                # The client abandoned its upload: nobody is left to answer, and the
+                # upstream is not at fault. 499 is nginx's "client closed request".
+                return web.Response(status=499)
             raise UpstreamError() from exc
         async with upstream:
             return await _relay(request, upstream, target.strip_cookies)
 
-    async def _websocket(
-        self, request: web.Request, target: ProxyTarget, url: URL, host: str | None
-    ) -> web.StreamResponse:
-        if not web.WebSocketResponse().can_prepare(request).ok:
+    async def _websocket(self, request: web.Request, target: ProxyTarget) -> web.StreamResponse:
+        protocols = request.headers.getall("Sec-WebSocket-Protocol", ())
+        offered = [p.strip() for value in protocols for p in value.split(",") if p.strip()]
+        # Offering the client's own list keeps the probe from logging a mismatch.
+        if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
             raise BadRequest("Invalid WebSocket handshake.")
-        headers = upstream_headers(
-            request.headers,
-            strip=target.strip,
-            inject=target.inject,
-            strip_cookies=target.strip_cookies,
-            forwarded_for=target.forwarded_for,
-            forwarded_proto=target.forwarded_proto,
-            forwarded_host=target.forwarded_host,
-            host=host,
-            keep_content_length=False,
-            websocket=True,
-        )
-        offered = [
-            p.strip()
-            for value in request.headers.getall("Sec-WebSocket-Protocol", ())
-            for p in value.split(",")
-            if p.strip()
-        ]
         # Upstream first: a client must not see 101 for a connection that cannot exist.
         try:
             async with asyncio.timeout(target.connect_timeout + target.read_timeout):
                 upstream = await self._client.ws_connect(
-                    url,
-                    headers=headers,
+                    upstream_url(target),
+                    headers=_headers(request, target, has_body=False, websocket=True),
                     protocols=offered,
                     autoping=False,
                     max_msg_size=target.ws_max_msg_size,
@@ -211,18 +184,37 @@ class Forwarder:
             raise UpstreamTimeout() from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError() from exc
+        client = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            autoping=False,
+            max_msg_size=target.ws_max_msg_size,
+            timeout=_WS_CLOSE_TIMEOUT,
+        )
         try:
-            client = web.WebSocketResponse(
-                protocols=(upstream.protocol,) if upstream.protocol else (),
-                autoping=False,
-                max_msg_size=target.ws_max_msg_size,
-                timeout=_WS_CLOSE_TIMEOUT,
-            )
             await client.prepare(request)
             await _relay_websocket(client, upstream)
         finally:
-            await upstream.close()
+            # Also reached when the server cancels the handler because the client's
+            # connection dropped right after its Close frame: pass its code on.
+            await upstream.close(code=_sendable(client.close_code))
         return client
+
+
+def _headers(
+    request: web.Request, target: ProxyTarget, *, has_body: bool, websocket: bool = False
+) -> CIMultiDict[str]:
+    return upstream_headers(
+        request.headers,
+        strip=target.strip,
+        inject=target.inject,
+        strip_cookies=target.strip_cookies,
+        forwarded_for=target.forwarded_for,
+        forwarded_proto=target.forwarded_proto,
+        forwarded_host=target.forwarded_host,
+        host=request.headers.get("Host") if target.preserve_host else None,
+        keep_content_length=has_body,
+        websocket=websocket,
+    )
 
 
 async def _relay(
@@ -273,9 +265,8 @@ _WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 async def _pump(source: _WebSocket, sink: _WebSocket) -> bytes:
     """Copy frames one way until ``source`` closes; return its close reason.
 
-    Each send waits for the sink's transport, so a slow side slows the other down
-    instead of filling a queue. Pings and pongs travel end to end (autoping is off on
-    both legs), so liveness checks measure the real peer.
+    Each send waits for the sink, so a slow side slows the other instead of filling a
+    queue. Pings and pongs travel end to end (autoping is off on both legs).
     """
     with contextlib.suppress(ConnectionError):
         while True:
@@ -319,6 +310,4 @@ async def _relay_websocket(
 
 
 def _sendable(code: int | None) -> int:
-    if code is None:
-        return 1000
-    return _UNSENDABLE_CLOSE.get(code, code)
+    return 1000 if code is None else _UNSENDABLE_CLOSE.get(code, code)

@@ -24,9 +24,15 @@ def safe_redirect(target: str | None, own_origin: str, allowed: Iterable[str] = 
     """
     if not target or len(target) > MAX_REDIRECT_LEN:
         return None
+    # A raw space is refused (browsers strip leading ones: " //evil" is "//evil"); an
+    # encoded one (``?q=a%20b`` in a deep link) is fine, since it only ever decodes to a
+    # space inside a path or query. Tabs, CR/LF and other controls are refused in every
+    # layer: the WHATWG URL parser drops them, turning "/\t/evil" into "//evil".
+    if " " in target:
+        return None
     decoded = target
     for _ in range(3):  # look through up to three layers of percent-encoding
-        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in decoded) or "\\" in decoded:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded) or "\\" in decoded:
             return None
         nxt = unquote(decoded)
         if nxt == decoded:

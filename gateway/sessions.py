@@ -31,6 +31,8 @@ from gateway.store import SessionMeta, SessionStore
 
 log = logging.getLogger("gateway.session")
 TOUCH_INTERVAL = 60.0
+# After a failed refresh, requests whose access token is still valid do not retry for this long.
+RETRY_BACKOFF = 5.0
 # OAuth errors from a refresh that mean the grant is gone for good (RFC 6749 §5.2).
 _GRANT_GONE = frozenset({"invalid_grant", "unauthorized_client", "invalid_scope"})
 _PROTOCOL_CLAIMS = frozenset(
@@ -92,7 +94,10 @@ class SessionManager:
         self.provider = provider
         self.clock = clock
         self._touched: dict[str, float] = {}
-        self._inflight: dict[str, asyncio.Future[Session]] = {}
+        self._inflight: dict[str, asyncio.Task[Session]] = {}
+        self._failed: dict[str, float] = {}  # store key -> no new refresh attempt before
+        # Slide the idle timeout at most once a minute, and often enough for short timeouts.
+        self._touch_interval = min(TOUCH_INTERVAL, settings.idle_timeout / 10)
         self.refresh_count = 0
 
     # -- load / save -----------------------------------------------------------------------
@@ -162,7 +167,7 @@ class SessionManager:
         """Slide the idle timeout, writing at most once a minute per session and process."""
         now = self.clock()
         key = loaded.ticket.store_key
-        if now - self._touched.get(key, 0.0) < TOUCH_INTERVAL:
+        if now - self._touched.get(key, 0.0) < self._touch_interval:
             return
         if len(self._touched) > 100_000:
             self._touched.clear()
@@ -191,28 +196,39 @@ class SessionManager:
         now = self.clock()
         if not session.needs_refresh(now, self.settings.refresh_skew):
             return session
+        key = loaded.ticket.store_key
         if not session.tokens.refresh_token:
             if session.access_token_valid(now):
                 return session
+            # Nothing can renew it: the session is over (the browser logs in again).
+            await self._drop(loaded.ticket)
             raise SessionEnded()
-        key = loaded.ticket.store_key
-        pending = self._inflight.get(key)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._inflight[key] = pending
-            try:
-                pending.set_result(await self._refresh_locked(loaded.ticket, session))
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # retrieved here; every waiter re-raises it
-            finally:
-                del self._inflight[key]
-        return await asyncio.shield(pending)
+        if session.access_token_valid(now) and self._failed.get(key, 0.0) > now:
+            # The provider failed a moment ago; serve with the still-valid token rather
+            # than make every request wait for another failing call.
+            return session
+        task = self._inflight.get(key)
+        if task is None:
+            # A task of its own, so a client that goes away mid-refresh does not cancel the
+            # refresh that every other request of this session is waiting for.
+            task = asyncio.create_task(self._refresh_locked(loaded.ticket))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._settled(key, t))
+        return await asyncio.shield(task)
 
-    async def _refresh_locked(self, ticket: Ticket, stale: Session) -> Session:
-        wait = self.provider.settings.timeout + 5.0
+    def _settled(self, key: str, task: asyncio.Task[Session]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here; every waiter re-raises it through the shield
+
+    async def _refresh_locked(self, ticket: Ticket) -> Session:
+        # The lock outlives the slowest refresh (token call, JWKS, userinfo each bounded by
+        # the provider timeout): were it to expire mid-refresh, another replica could present
+        # the refresh token being rotated, and the provider would revoke the whole family.
+        hold = 3 * self.provider.settings.timeout + 5.0
         try:
-            async with self.store.lock("refresh:" + ticket.store_key, ttl=wait, wait=wait) as won:
+            async with self.store.lock("refresh:" + ticket.store_key, ttl=hold, wait=hold) as won:
                 current = await self._read(ticket)
                 if current is None:
                     raise SessionEnded()
@@ -220,12 +236,16 @@ class SessionManager:
                 if not current.needs_refresh(now, self.settings.refresh_skew):
                     return current  # another process refreshed it while we waited
                 if not won:
-                    return self._keep_or_fail(current, now)
+                    return self._keep_or_fail(ticket, current, now)
                 return await self._refresh(ticket, current)
         except StoreError:
             raise StoreUnavailable() from None
 
-    def _keep_or_fail(self, session: Session, now: float) -> Session:
+    def _keep_or_fail(self, ticket: Ticket, session: Session, now: float) -> Session:
+        """The provider could not refresh: keep serving while the access token lasts."""
+        if len(self._failed) > 10_000:
+            self._failed = {k: v for k, v in self._failed.items() if v > now}
+        self._failed[ticket.store_key] = now + min(RETRY_BACKOFF, self.settings.refresh_skew / 4)
         if session.access_token_valid(now):
             return session
         raise ProviderUnavailable()
@@ -243,10 +263,10 @@ class SessionManager:
                 await self._drop(ticket)
                 raise SessionEnded() from None
             log.warning("refresh failed with %s; keeping the session", exc.error)
-            return self._keep_or_fail(session, self.clock())
+            return self._keep_or_fail(ticket, session, self.clock())
         except ProviderTransportError as exc:
             log.warning("refresh failed: %s; keeping the session", exc)
-            return self._keep_or_fail(session, self.clock())
+            return self._keep_or_fail(ticket, session, self.clock())
         now = self.clock()
         id_claims: dict[str, Any] = {}
         if resp.id_token:
@@ -266,7 +286,9 @@ class SessionManager:
             base = {"sub": session.identity.sub, **session.identity.claims, **id_claims}
             identity = identity_from(base, userinfo)
         updated = session.with_tokens(tokens_from(resp, now, session.tokens), identity, now)
+        # Saved before the lock is released: no replica can present the rotated-out token.
         await self.save(ticket, updated)
+        self._failed.pop(ticket.store_key, None)
         return updated
 
     async def _drop(self, ticket: Ticket) -> None:

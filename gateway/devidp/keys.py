@@ -70,7 +70,7 @@ class KeyRing:
     def __init__(self, alg: str) -> None:
         self.alg = alg
         self._published: list[SigningKey] = [SigningKey.generate(alg)]
-        self._pending = SigningKey.generate(alg)
+        self._pending: SigningKey | None = None  # made on first use: key generation is slow
 
     @property
     def current(self) -> SigningKey:
@@ -78,13 +78,15 @@ class KeyRing:
 
     @property
     def pending(self) -> SigningKey:
+        if self._pending is None:
+            self._pending = SigningKey.generate(self.alg)
         return self._pending
 
     def rotate(self) -> SigningKey:
         """Publish the pending key and sign with it from now on; keep the previous ones."""
-        self._published.append(self._pending)
+        self._published.append(self.pending)
         self._published = self._published[-KEEP_PUBLISHED:]
-        self._pending = SigningKey.generate(self.alg)
+        self._pending = None
         return self.current
 
     def jwks(self) -> dict[str, Any]:
@@ -101,7 +103,7 @@ class KeyRing:
         key: KeyChoice = "current",
     ) -> str:
         """A JWS over ``claims``; ``headers`` may override ``typ`` or add fields."""
-        signer = self.current if key == "current" else self._pending
+        signer = self.current if key == "current" else self.pending
         merged: dict[str, Any] = {"kid": signer.kid, "typ": "JWT"}
         merged.update(headers or {})
         return jwt.encode(claims, signer.private, algorithm=signer.alg, headers=merged)

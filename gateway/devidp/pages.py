@@ -100,5 +100,14 @@ def error_page(title: str, message: str, status: int = 400) -> web.Response:
     return page(title, f"<p>{escape(message)}</p>", status=status)
 
 
+def index_page(issuer: str, users: Iterable[DemoUser]) -> web.Response:
+    names = "".join(f"<li><code>{escape(u.username)}</code></li>" for u in users)
+    discovery = escape(issuer + "/.well-known/openid-configuration")
+    body = f"""<p>A development OpenID provider. Issuer: <code>{escape(issuer)}</code></p>
+<p><a href="{discovery}">OpenID configuration</a></p>
+<p>Users:</p><ul>{names}</ul>"""
+    return page("Dev IdP", body)
+
+
 def signed_out_page() -> web.Response:
     return page("You are signed out", "<p>You have been signed out of the Dev IdP.</p>")

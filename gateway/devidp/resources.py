@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import pages
 from .config import AUTH_METHODS, KNOWN_SCOPES
 from .oauth import authenticate_client, error_answer, json_answer, read_form
 from .records import AccessRecord, OAuthError
@@ -51,8 +52,15 @@ async def discovery(request: web.Request) -> web.Response:
     return web.json_response(metadata)
 
 
+async def index(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return pages.index_page(state.issuer, state.users.values())
+
+
 async def jwks(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE_KEY].keys.jwks())
+    state = request.app[STATE_KEY]
+    state.jwks_calls += 1
+    return web.json_response(state.keys.jwks())
 
 
 def _invalid_token(description: str) -> web.Response:
@@ -63,6 +71,7 @@ def _invalid_token(description: str) -> web.Response:
 
 async def userinfo(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    state.userinfo_calls += 1
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     presented = value.strip() if scheme.lower() == "bearer" else ""
     if not presented and "Authorization" not in request.headers and request.method == "POST":

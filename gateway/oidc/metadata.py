@@ -31,6 +31,8 @@ class ProviderMetadata:
     def from_discovery(cls, doc: dict[str, Any], settings: ProviderSettings) -> ProviderMetadata:
         """Build from a discovery document; the config may override single endpoints."""
         issuer = doc.get("issuer")
+        if not isinstance(issuer, str):
+            raise ValueError("the discovery document names no issuer")
         # OpenID Connect Discovery §4.3: the issuer in the document must be the one we asked.
         if issuer != settings.issuer:
             raise ValueError("the discovery document names another issuer")

@@ -49,7 +49,11 @@ class IdTokenValidator:
         self._clock = clock
 
     async def _verify(
-        self, token: str, audience: list[str] | None, required: list[str]
+        self,
+        token: str,
+        audience: list[str] | None,
+        required: list[str],
+        max_iat_age: float | None = MAX_IAT_AGE,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(token, str) or len(token) > 16384 or token.count(".") != 2:
             raise TokenValidationError("not a compact JWS")
@@ -95,7 +99,7 @@ class IdTokenValidator:
             if not isinstance(iat, int | float):
                 raise TokenValidationError("bad iat")
             now = self._clock()
-            if iat > now + LEEWAY or iat < now - MAX_IAT_AGE:
+            if iat > now + LEEWAY or (max_iat_age is not None and iat < now - max_iat_age):
                 raise TokenValidationError("iat too far from now")
         return header, claims
 
@@ -156,7 +160,10 @@ class IdTokenValidator:
 
     async def validate_access_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
         """An API client's own JWT access token (RFC 9068 §4): iss, aud, exp, nbf, allowlisted alg."""
-        header, claims = await self._verify(token, audiences, ["iss", "sub", "aud", "exp"])
+        # No iat age limit: an access token lives until its exp, however long ago it was issued.
+        header, claims = await self._verify(
+            token, audiences, ["iss", "sub", "aud", "exp"], max_iat_age=None
+        )
         typ = str(header.get("typ", "")).lower()
         if typ in ("logout+jwt", "application/logout+jwt"):
             raise TokenValidationError("not an access token")

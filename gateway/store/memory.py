@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,8 @@ class MemoryStore:
         self._clock = clock
         self._records: dict[str, tuple[bytes, SessionMeta, float]] = {}
         self._once: dict[str, float] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[object, float]] = {}  # name -> (holder, expires at)
+        self._released: dict[str, asyncio.Event] = {}
 
     def _live(self, key: str) -> tuple[bytes, SessionMeta, float] | None:
         item = self._records.get(key)
@@ -54,20 +56,38 @@ class MemoryStore:
         for meta in self._metas():
             yield meta
 
+    def _try_lock(self, name: str, holder: object, ttl: float) -> bool:
+        now = self._clock()
+        held = self._locks.get(name)
+        if held is not None and held[1] > now:
+            return False
+        self._locks[name] = (holder, now + ttl)
+        return True
+
     @asynccontextmanager
     async def lock(self, name: str, ttl: float, wait: float) -> AsyncIterator[bool]:
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        try:
-            await asyncio.wait_for(lock.acquire(), wait)
-        except TimeoutError:
-            yield False
-            return
+        """Same contract as the Redis lock: a holder that never lets go loses it after ``ttl``."""
+        holder = object()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self._try_lock(name, holder, ttl):
+            left = deadline - loop.time()
+            if left <= 0:
+                yield False
+                return
+            released = self._released.setdefault(name, asyncio.Event())
+            # Woken by a release; re-checked every 50 ms for a lock that expired instead.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(released.wait(), min(left, 0.05))
         try:
             yield True
         finally:
-            lock.release()
-            if not lock.locked():
-                self._locks.pop(name, None)
+            held = self._locks.get(name)
+            if held is not None and held[0] is holder:  # not one that expired and was retaken
+                del self._locks[name]
+                event = self._released.pop(name, None)
+                if event is not None:
+                    event.set()
 
     async def claim_once(self, name: str, ttl: float) -> bool:
         now = self._clock()

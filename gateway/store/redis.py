@@ -119,7 +119,9 @@ class RedisStore:
             keys = sorted(k.decode() for k in await self._r.smembers(index))
             if not keys:
                 return []
-            raws = await self._r.mget([self._p + "m:" + k for k in keys])
+            names = [self._p + "m:" + k for k in keys]
+            # In a cluster the records sit in many hash slots; one MGET would be refused.
+            raws = await (self._r.mget_nonatomic(names) if self._cluster else self._r.mget(names))
             metas, stale = [], []
             for key, raw in zip(keys, raws, strict=True):
                 if raw is None:
@@ -212,5 +214,5 @@ def _sentinel_client(url: str) -> Any:
             "redis+sentinel:// URLs name the service: redis+sentinel://h:26379/mymaster"
         )
     db = int(path[1]) if len(path) > 1 else 0
-    sentinel = Sentinel(hosts, **_TIMEOUTS)
+    sentinel = Sentinel(hosts, **_TIMEOUTS)  # type: ignore[no-untyped-call]
     return sentinel.master_for(path[0], db=db, password=password, **_TIMEOUTS)

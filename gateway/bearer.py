@@ -1,0 +1,346 @@
+"""Bearer clients: API callers that present their own access token on ``accept_bearer`` routes.
+
+Owns reading ``Authorization: Bearer`` (RFC 6750 §2.1), validating a JWT access token
+against the provider's JWKS (RFC 9068 §4) or an opaque one by introspection (RFC 7662),
+the introspection cache, turning the token's claims into an ``Identity`` and scopes, and
+the route policy check for such a caller. Nothing here creates a session or writes to the
+session store: every request stands on its own token.
+
+Failures are RFC 6750 §3 answers: ``invalid_token`` (401) for any token we do not accept,
+``invalid_request`` (400) for a malformed ``Authorization``, ``insufficient_scope`` (403)
+when the route needs scopes the token lacks. The reason a token was refused is logged,
+never the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from multidict import MultiMapping
+
+from gateway.config import ProviderSettings
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    ProviderTransportError,
+    ProviderUnavailable,
+    TokenValidationError,
+    Unauthenticated,
+)
+from gateway.oidc import ProviderClient
+from gateway.policy import Route, check_requirements
+from gateway.session import Identity
+
+log = logging.getLogger("gateway.bearer")
+
+MAX_TOKEN_LENGTH = 16384
+CACHE_TTL = 60.0  # an active introspection answer is reused at most this long
+NEGATIVE_TTL = 5.0  # a refusal is remembered briefly, so a flood of bad tokens stays cheap
+CACHE_ENTRIES = 10_000
+LEEWAY = 60.0
+
+# RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# A compact JWS (RFC 7515 §7.1): three base64url parts; an empty signature (alg none)
+# still counts, so such a token is refused as a JWT rather than sent to introspection.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# Header ``typ`` values an access token may carry (RFC 9068 §2.1 says at+jwt; many
+# providers still send JWT). Anything else, e.g. logout+jwt, is another kind of token.
+_ACCESS_TYP = frozenset({"", "jwt", "at+jwt", "application/at+jwt"})
+# Claims only ID tokens (OIDC Core §2, §3.1.3.6) or logout / security event tokens
+# (Back-Channel Logout §2.4, RFC 8417) carry: such a token is never an access token.
+_NOT_ACCESS_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash", "events")
+# Keycloak-style ``typ`` claim: only "Bearer" names an access token.
+_ACCESS_TYP_CLAIM = frozenset({"bearer", "at+jwt"})
+# RFC 7662 §2.2 token_type values that are access tokens.
+_ACCESS_TOKEN_TYPES = frozenset(
+    {"bearer", "access_token", "urn:ietf:params:oauth:token-type:access_token"}
+)
+# What is protocol, not identity: never offered to identity headers or policy as a claim.
+_NOT_IDENTITY = frozenset(
+    {"iss", "aud", "exp", "iat", "nbf", "jti", "nonce", "at_hash", "c_hash", "s_hash", "azp",
+     "sid", "auth_time", "acr", "amr", "typ", "scope", "scp", "client_id", "active",
+     "token_type", "cnf", "events", "sub", "username"}
+)  # fmt: skip
+_REALM = 'Bearer realm="gateway"'
+
+
+class InvalidToken(Unauthenticated):
+    """RFC 6750 §3.1 ``invalid_token``: expired, revoked, malformed or not ours."""
+
+    code = "invalid_token"
+    public_message = "The bearer token is not valid."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'})
+
+
+class InvalidRequest(BadRequest):
+    """RFC 6750 §3.1 ``invalid_request``: the Authorization header cannot be read."""
+
+    code = "invalid_request"
+    public_message = "Send exactly one Authorization header."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": f'{_REALM}, error="invalid_request"'})
+
+
+@dataclass(frozen=True, slots=True)
+class BearerPrincipal:
+    """Who a bearer token speaks for, and what it may do."""
+
+    identity: Identity
+    scopes: tuple[str, ...]
+    expires_at: float | None
+    source: str  # "jwt" | "introspection"
+
+
+def bearer_token(headers: MultiMapping[str]) -> str | None:
+    """The token of ``Authorization: Bearer <token>``, or None when there is no Bearer header.
+
+    Another scheme (Basic...) is not ours to judge: None. Two Authorization headers are
+    ambiguous (400); a Bearer value that is not a b64token is an invalid token (401).
+    """
+    values = headers.getall("Authorization", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest()
+    scheme, _, value = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = value.strip()
+    if not token or len(token) > MAX_TOKEN_LENGTH or not _B64TOKEN.fullmatch(token):
+        raise InvalidToken()
+    return token
+
+
+def scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """Scopes from ``scope`` (RFC 9068 §2.2.3, RFC 7662: space-separated) or ``scp`` (a list)."""
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            return tuple(value.split())
+        if isinstance(value, list):
+            return tuple(str(s) for s in value if isinstance(s, str))
+    return ()
+
+
+def identity_of(claims: Mapping[str, Any]) -> Identity:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise TokenValidationError("no subject")
+    return Identity(sub=sub, claims={k: v for k, v in claims.items() if k not in _NOT_IDENTITY})
+
+
+def _audiences(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [a for a in value if isinstance(a, str)]
+    return []
+
+
+@dataclass(slots=True)
+class _Cached:
+    until: float
+    principal: BearerPrincipal | None  # None: the provider said the token is not active
+
+
+class BearerVerifier:
+    """Validates bearer tokens; one per app. ``clock`` is injectable for tests."""
+
+    def __init__(
+        self,
+        provider: ProviderClient,
+        settings: ProviderSettings,
+        clock: Callable[[], float] = time.time,
+        *,
+        cache_ttl: float = CACHE_TTL,
+        negative_ttl: float = NEGATIVE_TTL,
+        max_entries: int = CACHE_ENTRIES,
+    ) -> None:
+        self.provider = provider
+        self.audiences = list(settings.bearer_audiences) or [settings.client_id]
+        self.clock = clock
+        self.cache_ttl = cache_ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        # Keyed by SHA-256 of the token: a dump of this process never yields a usable token.
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[BearerPrincipal | None]] = {}
+
+    async def verify(self, token: str) -> BearerPrincipal:
+        """The principal of a token; raise InvalidToken (401) or ProviderUnavailable (503)."""
+        try:
+            meta = await self.provider.metadata()
+        except ProviderTransportError:
+            raise ProviderUnavailable() from None
+        if _COMPACT_JWS.fullmatch(token):
+            return await self._jwt(token)
+        return await self._introspected(token, meta.issuer)
+
+    # -- JWT access tokens (RFC 9068) ------------------------------------------------------
+
+    async def _jwt(self, token: str) -> BearerPrincipal:
+        try:
+            claims = await self.provider.validator.validate_access_token(token, self.audiences)
+            header = jwt.get_unverified_header(token)
+            _require_access_token(header, claims)
+            identity = identity_of(claims)
+        except TokenValidationError as exc:
+            log.info("bearer token refused: %s", exc.reason)
+            raise InvalidToken() from None
+        except ProviderTransportError as exc:
+            # The JWKS could not be fetched: the token may be fine, we cannot tell.
+            log.warning("bearer token not checked: %s", exc)
+            raise ProviderUnavailable() from None
+        except jwt.PyJWTError:
+            raise InvalidToken() from None
+        exp = claims.get("exp")
+        return BearerPrincipal(
+            identity, scopes_of(claims), float(exp) if isinstance(exp, int | float) else None, "jwt"
+        )
+
+    # -- opaque tokens (RFC 7662) ----------------------------------------------------------
+
+    async def _introspected(self, token: str, issuer: str) -> BearerPrincipal:
+        key = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        now = self.clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit.until > now:
+            self._cache.move_to_end(key)
+            if hit.principal is None:
+                raise InvalidToken()
+            return hit.principal
+        pending = self._inflight.get(key)
+        if pending is None:
+            # Single flight: a burst of requests with one new token costs one introspection.
+            pending = asyncio.get_running_loop().create_future()
+            self._inflight[key] = pending
+            try:
+                pending.set_result(await self._introspect(key, token, issuer))
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # retrieved here; every waiter re-raises it
+            finally:
+                del self._inflight[key]
+        principal = await asyncio.shield(pending)
+        if principal is None:
+            raise InvalidToken()
+        return principal
+
+    async def _introspect(self, key: str, token: str, issuer: str) -> BearerPrincipal | None:
+        try:
+            data = await self.provider.introspect(token)
+        except ProviderTransportError as exc:
+            # Not cached: the next request asks again (503 now, RFC 7662 §4 leaves it to us).
+            log.warning("token introspection unavailable: %s", exc)
+            raise ProviderUnavailable() from None
+        now = self.clock()
+        try:
+            principal = self._from_introspection(data, issuer, now)
+        except TokenValidationError as exc:
+            log.info("bearer token refused by introspection: %s", exc.reason)
+            principal = None
+        if principal is None:
+            until = now + self.negative_ttl
+        else:
+            until = now + self.cache_ttl
+            if principal.expires_at is not None:
+                until = min(until, principal.expires_at)  # never beyond the token's exp
+        self._remember(key, _Cached(until, principal))
+        return principal
+
+    def _from_introspection(
+        self, data: dict[str, Any], issuer: str, now: float
+    ) -> BearerPrincipal:
+        """RFC 7662 §2.2: only ``active: true`` counts; then the same checks as for a JWT."""
+        if data.get("active") is not True:
+            raise TokenValidationError("not active")
+        token_type = data.get("token_type")
+        if isinstance(token_type, str) and token_type.lower() not in _ACCESS_TOKEN_TYPES:
+            raise TokenValidationError("not an access token")  # e.g. a refresh token
+        exp = data.get("exp")
+        if exp is not None and (not _is_number(exp) or exp <= now):
+            raise TokenValidationError("expired")
+        nbf = data.get("nbf")
+        if nbf is not None and (not _is_number(nbf) or nbf > now + LEEWAY):
+            raise TokenValidationError("not yet valid")
+        iss = data.get("iss")
+        if iss is not None and issuer and iss != issuer:
+            raise TokenValidationError("wrong issuer")
+        # The token must be meant for us: its audience names us, or (providers that omit
+        # aud for opaque tokens) it was issued to a client we accept. Otherwise any token
+        # of any client at the provider would open this API (a confused deputy).
+        if "aud" in data:
+            if not set(_audiences(data["aud"])) & set(self.audiences):
+                raise TokenValidationError("wrong audience")
+        elif data.get("client_id") is not None and data.get("client_id") not in self.audiences:
+            raise TokenValidationError("issued to another client")
+        if "cnf" in data:
+            # Sender-constrained (DPoP RFC 9449 §7.1, mTLS RFC 8705): we cannot check the proof.
+            raise TokenValidationError("sender-constrained token")
+        return BearerPrincipal(
+            identity_of(data), scopes_of(data), float(exp) if exp is not None else None,
+            "introspection",
+        )  # fmt: skip
+
+    def _remember(self, key: str, entry: _Cached) -> None:
+        self._cache[key] = entry
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _require_access_token(header: Mapping[str, Any], claims: Mapping[str, Any]) -> None:
+    """Refuse ID tokens, logout tokens and other JWTs signed by the same provider.
+
+    They carry our client id as ``aud`` and a valid signature, so only their type tells
+    them apart (RFC 8725 §3.11, RFC 9068 §4).
+    """
+    typ = header.get("typ", "")
+    if not isinstance(typ, str) or typ.lower() not in _ACCESS_TYP:
+        raise TokenValidationError("not an access token (typ)")
+    for name in _NOT_ACCESS_CLAIMS:
+        if name in claims:
+            raise TokenValidationError("not an access token (carries " + name + ")")
+    typ_claim = claims.get("typ")
+    if isinstance(typ_claim, str) and typ_claim.lower() not in _ACCESS_TYP_CLAIM:
+        raise TokenValidationError("not an access token (typ claim)")
+    if "cnf" in claims:
+        raise TokenValidationError("sender-constrained token")
+
+
+async def admit(verifier: BearerVerifier, route: Route, token: str) -> BearerPrincipal:
+    """Verify ``token`` and apply ``route``'s policy: 401, 403, 503, or the principal."""
+    principal = await verifier.verify(token)
+    decision = check_requirements(route.settings, principal.identity, principal.scopes)
+    if not decision.allowed:
+        headers: dict[str, str] = {}
+        if decision.reason == "missing scope":
+            # RFC 6750 §3.1: tell the client which scope it needs.
+            wanted = " ".join(route.settings.require.scopes).replace('"', "")
+            headers["WWW-Authenticate"] = (
+                f'{_REALM}, error="insufficient_scope", scope="{wanted}"'
+            )
+        log.info("bearer client refused by route policy: %s", decision.reason)
+        raise Forbidden(headers=headers)
+    return principal

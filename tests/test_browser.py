@@ -1,0 +1,191 @@
+"""End to end in headless Chromium: deep link → dev provider sign-in and consent → the deep link,
+tokens kept out of the browser, sign-out through the UI and the provider's end_session, and a
+denied consent.
+
+Debian's /usr/bin/chromium is driven by Playwright's async API inside the test's own event
+loop; no browser is ever downloaded. Set ``GATEWAY_BROWSER_SCREENSHOTS=/some/dir`` to keep
+PNG screenshots of the provider's sign-in page and the echo page for a human to look at.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page, Request, async_playwright
+
+from tests.conftest import RedisServer, Stack, StackFactory
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-gpu",
+]
+DEEP_LINK = "/reports/2024?tab=summary"
+TIMEOUT_MS = 15_000
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+async def chromium() -> AsyncIterator[Browser]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def context(chromium: Browser) -> AsyncIterator[BrowserContext]:
+    ctx = await chromium.new_context(viewport={"width": 1000, "height": 760})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield ctx
+    finally:
+        await ctx.close()
+
+
+async def _shot(page: Page, name: str) -> None:
+    """Render the page (proves it paints); keep the PNG when a human asked for it."""
+    png = await page.screenshot(full_page=True)
+    assert png.startswith(PNG_MAGIC)
+    where = os.environ.get("GATEWAY_BROWSER_SCREENSHOTS")
+    if where:
+        Path(where, f"gateway-browser-{name}.png").write_bytes(png)
+
+
+async def _sign_in(page: Page, stack: Stack, username: str, password: str) -> None:
+    """Fill the dev provider's sign-in form (the page must be showing it)."""
+    assert page.url.startswith(stack.idp.url), page.url
+    assert await page.title() == "Sign in - Dev IdP"
+    await page.fill("#username", username)
+    await page.fill("#password", password)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_load_state()
+
+
+async def _echo_row(page: Page, header: str) -> str:
+    """The value cell of the echo page's row for ``header``."""
+    row = page.locator("tr", has=page.locator("td", has_text=header))
+    return (await row.locator("td").nth(1).inner_text()).strip()
+
+
+async def test_deep_link_login_tokens_stay_server_side_and_sign_out(
+    make_stack: StackFactory, context: BrowserContext, redis_server: RedisServer
+) -> None:
+    stack: Stack = await make_stack()
+    cookie_name = stack.settings.session.cookie_name
+    prefix = stack.settings.session.key_prefix
+    page = await context.new_page()
+    seen: list[str] = []
+
+    def record(request: Request) -> None:
+        if request.is_navigation_request():
+            seen.append(request.url)
+
+    page.on("request", record)
+
+    # 1. The deep link sends an unauthenticated browser to the provider's sign-in page.
+    await page.goto(stack.url + DEEP_LINK)
+    assert page.url.startswith(stack.idp.url + "/authorize?")
+    await _shot(page, "login")
+    await _sign_in(page, stack, "alice", "alice")
+
+    # 2. Consent, then back through the callback to exactly the deep link.
+    assert await page.title() == "Allow access? - Dev IdP"
+    await page.get_by_role("button", name="Allow").click()
+    await page.wait_for_url(stack.url + DEEP_LINK)
+    assert page.url == stack.url + DEEP_LINK
+    assert any(u.startswith(stack.url + "/oauth2/callback?") for u in seen)
+    assert await page.title() == "Echo upstream"
+    assert await page.inner_text("h1") == "Echo upstream — what the gateway sent me"
+    assert await _echo_row(page, "X-Forwarded-User") == "alice"
+    assert await _echo_row(page, "X-Forwarded-Email") == "alice@example.com"
+    assert (await _echo_row(page, "Authorization")).startswith("Bearer ")
+    await _shot(page, "echo")
+
+    # 3. The token the upstream received is nowhere in the browser's cookies or page.
+    resp = await page.request.get(stack.url + DEEP_LINK, headers={"Accept": "application/json"})
+    assert resp.status == 200
+    echoed = await resp.json()
+    await resp.dispose()
+    headers = {k.lower(): v for k, v in echoed["headers"]}
+    scheme, _, access_token = headers["authorization"].partition(" ")
+    assert scheme == "Bearer" and len(access_token) >= 20
+    assert headers["x-forwarded-user"] == "alice"
+    assert cookie_name not in headers.get("cookie", "")
+    idp = stack.idp.state
+    assert access_token in idp.access_tokens
+    issued = list(idp.access_tokens) + list(idp.refresh_tokens)
+    assert idp.refresh_tokens, "offline_access should have given the gateway a refresh token"
+    cookies = await context.cookies()
+    ours = [c for c in cookies if c["name"] == cookie_name]
+    assert len(ours) == 1
+    assert ours[0]["httpOnly"] and ours[0]["sameSite"] == "Lax" and ours[0]["path"] == "/"
+    assert not [c for c in cookies if c["name"].startswith(cookie_name + "-login-")]
+    everything = " ".join(f"{c['name']}={c['value']}" for c in cookies) + await page.content()
+    for token in issued:
+        assert token not in everything
+    # The session lives in Redis, sealed: no token readable there either.
+    stored = [value for key, value in redis_server.dump() if key.startswith(prefix.encode())]
+    assert stored
+    for token in issued:
+        assert not any(token.encode() in value for value in stored)
+
+    # 4. Sign out through the UI: GET shows a confirmation form, the button POSTs it, the
+    #    provider's end_session returns the browser to the gateway's signed-out page.
+    seen.clear()
+    await page.goto(stack.url + "/oauth2/sign_out")
+    assert await page.title() == "Sign out?"
+    assert "alice@example.com" in await page.inner_text("body")
+    await page.get_by_role("button", name="Sign out").click()
+    await page.wait_for_url(stack.url + "/oauth2/signed_out?**")
+    assert any(u.startswith(stack.idp.url + "/end_session?") for u in seen), seen
+    assert await page.title() == "Signed out"
+    assert "You have been signed out." in await page.inner_text("body")
+    assert not [c for c in await context.cookies() if c["name"] == cookie_name]
+    assert idp.access_tokens[access_token].revoked
+    assert not idp.sessions, "end_session should have ended the provider's session"
+
+    # 5. The next visit asks to sign in again (gateway and provider sessions are both gone).
+    await page.goto(stack.url + DEEP_LINK)
+    assert page.url.startswith(stack.idp.url + "/authorize?")
+    assert await page.title() == "Sign in - Dev IdP"
+
+
+async def test_denied_consent_lands_on_not_signed_in_page(
+    make_stack: StackFactory, context: BrowserContext
+) -> None:
+    stack: Stack = await make_stack()
+    page = await context.new_page()
+    await page.goto(stack.url + DEEP_LINK)
+    await _sign_in(page, stack, "bob", "bob")
+    assert await page.title() == "Allow access? - Dev IdP"
+    async with page.expect_navigation(url=stack.url + "/oauth2/callback?**") as nav:
+        await page.get_by_role("button", name="Deny").click()
+    response = await nav.value
+    assert response is not None and response.status == 400
+    assert await page.title() == "Not signed in"
+    text = await page.inner_text("body")
+    assert "You declined the request, so you are not signed in." in text
+    assert "error: access_denied" in text
+    link = page.get_by_role("link", name="Try signing in again")
+    assert await link.get_attribute("href") == "/oauth2/start"
+    cookies = await context.cookies()
+    assert not [c for c in cookies if c["name"] == stack.settings.session.cookie_name]
+    # The page stays put: no redirect loop back to the provider.
+    await page.wait_for_load_state("networkidle")
+    assert page.url.startswith(stack.url + "/oauth2/callback?")

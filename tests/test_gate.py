@@ -1,0 +1,637 @@
+"""The gate over real HTTP: what crosses to the upstream and how it is decided.
+
+SECURITY.md 15 (identity headers in every spelling), 16 (X-Forwarded-* only from trusted
+proxies), 17 (one normalized path), 18 (only configured upstreams), plus the CONTRACT's
+unauthenticated classification and upstream failures. Requests whose exact bytes matter
+go over a raw socket; the echo upstream's JSON says what arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from tests.conftest import Stack, StackFactory, free_port
+from tests.idp_client import http_login
+
+NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
+API = {"Accept": "application/json"}
+IDENTITY = ("x-forwarded-user", "x-forwarded-email", "x-forwarded-groups")
+
+
+# -- raw HTTP ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int | None  # None: the server closed without a status line
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+async def raw_request(url: str, data: bytes, timeout: float = 15.0) -> RawResponse:
+    """Send ``data`` as-is to the server of ``url``; read the answer until the server closes."""
+    u = URL(url)
+    reader, writer = await asyncio.open_connection(u.host, u.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = b""
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                raw += chunk
+    except ConnectionResetError:
+        raw = b""
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except ConnectionError:
+            pass
+    if not raw.startswith(b"HTTP/"):
+        return RawResponse(None, CIMultiDict(), raw)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.add(name.strip(), value.strip())
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        body = _dechunk(body)
+    return RawResponse(status, headers, body)
+
+
+def raw_get(
+    target: str, host: str, headers: list[tuple[str, str]] = (), method: str = "GET"
+) -> bytes:  # type: ignore[assignment]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def host_of(stack: Stack) -> str:
+    return URL(stack.url).raw_authority
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def login(http: aiohttp.ClientSession, stack: Stack, user: str = "bob") -> str:
+    result = await http_login(http, stack.url + "/", user, user)
+    assert result.status == 200, result.body
+    cookies = http.cookie_jar.filter_cookies(URL(stack.url))
+    return cookies[stack.settings.session.cookie_name].value
+
+
+def session_header(stack: Stack, cookie: str) -> tuple[str, str]:
+    return ("Cookie", f"{stack.settings.session.cookie_name}={cookie}")
+
+
+def seen_headers(echo: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k.lower(), v) for k, v in echo["headers"]]
+
+
+def values(echo: dict[str, Any], name: str) -> list[str]:
+    """Every value of ``name`` the upstream received, in any spelling ('_' read as '-')."""
+    norm = name.lower().replace("_", "-")
+    return [v for k, v in seen_headers(echo) if k.replace("_", "-") == norm]
+
+
+async def fetch_json(
+    http: aiohttp.ClientSession, url: str | URL, headers: Any = None
+) -> tuple[int, Any]:
+    async with http.get(url, headers=headers or API, allow_redirects=False) as resp:
+        body = await resp.text()
+        return resp.status, (json.loads(body) if body.startswith("{") else body)
+
+
+@pytest.fixture
+async def bob(stack: Stack, browser: aiohttp.ClientSession) -> str:
+    return await login(browser, stack, "bob")
+
+
+# -- 15: identity headers ---------------------------------------------------------------------
+
+SPOOF: list[tuple[str, str]] = [
+    ("X-Forwarded-User", "mallory"),
+    ("x-forwarded-user", "mallory2"),
+    ("X-FORWARDED-USER", "mallory3"),
+    ("X-Forwarded-User", "mallory4"),  # a duplicate of the first spelling
+    ("X_Forwarded_User", "mallory5"),
+    ("x_forwarded_user", "mallory6"),
+    ("X-Forwarded-Email", "mallory@evil.example"),
+    ("X_Forwarded_Email", "mallory@evil.example"),
+    ("X-Forwarded-Groups", "admins"),
+    ("X_FORWARDED_GROUPS", "admins"),
+    ("X-Forwarded-Preferred-Username", "mallory"),
+    ("X-Gateway-Assertion", "forged.jwt.value"),
+    ("X_Gateway_Assertion", "forged.jwt.value"),
+    ("X-Forwarded-Access-Token", "forged-token"),
+    ("Authorization", "Bearer client-chosen-token"),
+    ("Connection", "X-Forwarded-User, X-Hop-Custom"),
+    ("X-Hop-Custom", "hop"),
+    ("X-Kept", "yes"),
+]
+
+
+def assert_no_spoof(echo: dict[str, Any]) -> None:
+    blob = json.dumps(echo["headers"])
+    for word in ("mallory", "forged", "client-chosen", "hop"):
+        assert word not in blob, (word, echo["headers"])
+    assert values(echo, "x-kept") == ["yes"]
+    assert values(echo, "x-gateway-assertion") == []
+    assert values(echo, "x-forwarded-access-token") == []
+
+
+async def test_spoofed_identity_headers_never_reach_protected_upstream(
+    stack: Stack, api: aiohttp.ClientSession, bob: str
+) -> None:
+    headers = [*SPOOF, session_header(stack, bob), ("Accept", "application/json")]
+    resp = await raw_request(stack.url, raw_get("/x", host_of(stack), headers))
+    assert resp.status == 200, resp.body
+    echo = resp.json()
+    assert_no_spoof(echo)
+    # The gateway's own values arrive, once each.
+    assert values(echo, "x-forwarded-user") == ["bob"]
+    assert values(echo, "x-forwarded-email") == ["bob@example.org"]
+    assert values(echo, "x-forwarded-groups") == ["staff"]
+    auth = values(echo, "authorization")
+    assert len(auth) == 1 and auth[0].startswith("Bearer ")
+    assert auth[0] != "Bearer client-chosen-token"
+
+
+async def test_spoofed_identity_headers_never_reach_public_upstream(stack: Stack) -> None:
+    for with_cookie in (False, True):
+        headers = [*SPOOF, ("Accept", "application/json")]
+        if with_cookie:
+            headers.append(session_header(stack, "not-a-session"))
+        resp = await raw_request(stack.url, raw_get("/public/page", host_of(stack), headers))
+        assert resp.status == 200, resp.body
+        echo = resp.json()
+        blob = json.dumps(echo["headers"])
+        for word in ("mallory", "forged", "hop"):
+            assert word not in blob, (word, echo["headers"])
+        for name in IDENTITY:
+            assert values(echo, name) == [], name
+
+
+async def test_public_route_sends_no_identity_even_with_a_session(
+    stack: Stack, browser: aiohttp.ClientSession, bob: str
+) -> None:
+    status, echo = await fetch_json(browser, stack.url + "/public/x")
+    assert status == 200
+    for name in IDENTITY:
+        assert values(echo, name) == []
+    assert values(echo, "authorization") == []
+    assert "gw_test" not in json.dumps(echo["headers"])
+
+
+async def test_identity_headers_stripped_through_aiohttp_client_too(
+    stack: Stack, browser: aiohttp.ClientSession, bob: str
+) -> None:
+    """The same, with duplicates sent as a multidict by an ordinary client library."""
+    headers = CIMultiDict([*SPOOF, ("Accept", "application/json")])
+    status, echo = await fetch_json(browser, stack.url + "/y", headers)
+    assert status == 200
+    assert_no_spoof(echo)
+    assert values(echo, "x-forwarded-user") == ["bob"]
+
+
+async def test_gateway_cookies_removed_other_cookies_pass(
+    stack: Stack, bob: str
+) -> None:
+    name = stack.settings.session.cookie_name
+    cookie = f"theme=dark; {name}={bob}; {name}-login-3=1.abc; lang=en"
+    headers = [("Cookie", cookie), ("Cookie", "second=2"), ("Accept", "application/json")]
+    for path in ("/x", "/public/x"):
+        resp = await raw_request(stack.url, raw_get(path, host_of(stack), headers))
+        assert resp.status == 200, resp.body
+        sent = values(resp.json(), "cookie")
+        assert len(sent) == 1, sent
+        pairs = [p.strip() for p in sent[0].split(";")]
+        assert pairs == ["theme=dark", "lang=en", "second=2"], pairs
+        assert bob not in json.dumps(resp.json())
+
+
+async def test_upstream_cannot_set_gateway_cookie(stack: Stack, bob: str) -> None:
+    """A Set-Cookie for the gateway's own cookie from the upstream never reaches the browser."""
+    # The echo has no Set-Cookie endpoint; what matters here is the request side.
+    # (Response filtering is covered by tests/test_proxy.py.)
+    resp = await raw_request(
+        stack.url, raw_get("/x", host_of(stack), [session_header(stack, bob), ("Accept", "*/*")])
+    )
+    assert resp.status == 200
+    assert not resp.headers.getall("Set-Cookie", [])
+
+
+# -- 16: X-Forwarded-* --------------------------------------------------------------------------
+
+FORWARDED = [
+    ("X-Forwarded-For", "203.0.113.66"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Port", "8443"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-Original-URL", "/admin"),
+    ("X-Rewrite-URL", "/admin"),
+    ("Forwarded", "for=203.0.113.66;host=evil.example;proto=https"),
+    ("X-Real-IP", "203.0.113.66"),
+]
+
+
+async def authorize_redirect_uri(stack: Stack, headers: list[tuple[str, str]], rd: str) -> str:
+    resp = await raw_request(
+        stack.url,
+        raw_get(f"/oauth2/start?rd={rd}", host_of(stack), [*headers, *NAV.items()]),
+    )
+    assert resp.status == 302, resp.body
+    location = resp.headers["Location"]
+    assert location.startswith(str(stack.idp.url)), location
+    (redirect_uri,) = parse_qs(urlsplit(location).query)["redirect_uri"]
+    return redirect_uri
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+async def test_forwarded_headers(make_stack: StackFactory, trusted: bool) -> None:
+    server: dict[str, Any] = {"trusted_proxies": ["127.0.0.1/32"]} if trusted else {}
+    stack: Stack = await make_stack(server=server)
+    host = host_of(stack)
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), headers=NAV
+    ) as http:
+        cookie = await login(http, stack)
+    headers = [*FORWARDED, session_header(stack, cookie), ("Accept", "application/json")]
+    for path in ("/public/f", "/f"):
+        resp = await raw_request(stack.url, raw_get(path, host, headers))
+        assert resp.status == 200, resp.body
+        echo = resp.json()
+        assert echo["path"] == path
+        if trusted:
+            assert values(echo, "x-forwarded-for") == ["203.0.113.66, 127.0.0.1"]
+            assert values(echo, "x-forwarded-proto") == ["https"]
+            assert values(echo, "x-forwarded-host") == ["evil.example"]
+        else:
+            assert values(echo, "x-forwarded-for") == ["127.0.0.1"]
+            assert values(echo, "x-forwarded-proto") == ["http"]
+            assert values(echo, "x-forwarded-host") == [host]
+        for name in ("x-forwarded-port", "x-forwarded-prefix", "x-original-url", "x-rewrite-url",
+                     "forwarded", "x-real-ip"):  # fmt: skip
+            assert values(echo, name) == [], name
+
+    # Never the route decision: bob is refused /admin whatever the headers say, and an
+    # X-Original-URL of /admin on a public path is still the public path.
+    resp = await raw_request(stack.url, raw_get("/admin", host, headers))
+    assert resp.status == 403
+    resp = await raw_request(
+        stack.url, raw_get("/public/p", host, [*FORWARDED, ("Accept", "application/json")])
+    )
+    assert resp.status == 200 and resp.json()["path"] == "/public/p"
+
+    # Never the redirect_uri.
+    assert await authorize_redirect_uri(stack, FORWARDED, "/after") == stack.url + "/oauth2/callback"
+
+    # Never the post-login target: an unauthenticated navigation is sent to a relative
+    # start URL, and the login lands on a path of our own origin.
+    resp = await raw_request(stack.url, raw_get("/deep?x=1", host, [*FORWARDED, *NAV.items()]))
+    assert resp.status == 302
+    assert resp.headers["Location"].startswith("/oauth2/start?rd=")
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), headers={**NAV, **dict(FORWARDED)}
+    ) as http:
+        cb = stack.url + "/oauth2/callback"
+        result = await http_login(http, stack.url + "/deep?x=1", "bob", "bob", stop_at=cb)
+        assert result.location is not None
+        async with http.get(result.location, allow_redirects=False) as done:
+            assert done.status == 302
+            assert done.headers["Location"] == "/deep?x=1"
+
+
+# -- 17: paths -------------------------------------------------------------------------------
+
+# (request target, expected status for bob, path the upstream receives when served)
+PATHS: list[tuple[str, int, str | None]] = [
+    ("/admin", 403, None),
+    ("//admin", 403, None),
+    ("///admin//", 403, None),
+    ("/public/../admin", 403, None),
+    ("/public/./../admin", 403, None),
+    ("/public/%2e%2e/admin", 403, None),
+    ("/public/.%2E/admin", 403, None),
+    ("/./admin", 403, None),
+    ("/admin/", 403, None),
+    ("/admin/../admin/x", 403, None),
+    ("/%61dmin", 403, None),
+    ("/public/../../../admin", 403, None),
+    ("/admin?x=/public", 403, None),
+    ("/public%2F..%2Fadmin", 400, None),
+    ("/public%2f..%2fadmin", 400, None),
+    ("/public/..%2Fadmin", 400, None),
+    ("/public%5C..%5Cadmin", 400, None),
+    ("/public\\..\\admin", 400, None),
+    ("/admin;x", 400, None),
+    ("/public;/../admin", 400, None),
+    ("/admin%3Bx", 400, None),
+    ("/admin%00", 400, None),
+    ("/public%252F..%252Fadmin", 400, None),
+    ("/public?x=/admin", 200, "/public"),
+    ("/public?x=/../admin", 200, "/public"),
+    ("/public#/../admin", 200, "/public"),
+    ("//public//a/./b/../c", 200, "/public/a/c"),
+    ("/public/a/", 200, "/public/a/"),
+    ("/publicity", 200, "/publicity"),  # not /public: the "/" route, bob may see it
+    ("/public/%7Euser", 200, "/public/~user"),
+]
+
+
+@pytest.mark.parametrize(("target", "expected", "upstream_path"), PATHS, ids=[p[0] for p in PATHS])
+async def test_path_decision_matches_upstream_path(
+    stack: Stack, bob: str, target: str, expected: int, upstream_path: str | None
+) -> None:
+    headers = [session_header(stack, bob), ("Accept", "application/json")]
+    resp = await raw_request(stack.url, raw_get(target, host_of(stack), headers))
+    assert resp.status == expected, (target, resp.status, resp.body[:300])
+    if upstream_path is not None:
+        echo = resp.json()
+        assert echo["path"] == upstream_path
+        assert echo["raw_path"] in (upstream_path, upstream_path.replace("~", "%7E"))
+    if expected == 200 and "?" in target:
+        assert resp.json()["query"] == target.split("?", 1)[1]
+
+
+async def test_admin_gets_normalized_admin_path(
+    stack: Stack, browser: aiohttp.ClientSession
+) -> None:
+    alice = await login(browser, stack, "alice")
+    headers = [session_header(stack, alice), ("Accept", "application/json")]
+    for target in ("//admin", "/public/../admin", "/public/%2e%2e/admin/", "/%61dmin?q=/public"):
+        resp = await raw_request(stack.url, raw_get(target, host_of(stack), headers))
+        assert resp.status == 200, (target, resp.body)
+        echo = resp.json()
+        assert echo["path"].rstrip("/") == "/admin", (target, echo["path"])
+        assert echo["raw_path"].rstrip("/") == "/admin"
+
+
+async def test_unauthenticated_admin_spellings_never_pass(stack: Stack) -> None:
+    for target in ("//admin", "/public/../admin", "/%61dmin", "/public/%2e%2e/admin"):
+        resp = await raw_request(
+            stack.url, raw_get(target, host_of(stack), [("Accept", "application/json")])
+        )
+        assert resp.status == 401, (target, resp.status)
+
+
+async def test_encoded_paths_via_aiohttp_client(stack: Stack, browser: aiohttp.ClientSession, bob: str) -> None:
+    for target, expected in (("/public%2F..%2Fadmin", 400), ("//admin", 403), ("/admin;x", 400)):
+        url = URL(stack.url + target, encoded=True)
+        async with browser.get(url, headers=API, allow_redirects=False) as resp:
+            assert resp.status == expected, target
+
+
+# -- 18: absolute-form request lines and Host ------------------------------------------------
+
+
+class Recorder:
+    """A loopback HTTP server that records every request it receives (the "evil" host)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, list[tuple[str, str]]]] = []
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append((request.method, request.raw_path, list(request.headers.items())))
+        return web.json_response({"evil": True})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def evil() -> AsyncIterator[Recorder]:
+    rec = Recorder()
+    await rec.start()
+    yield rec
+    await rec.close()
+
+
+async def test_absolute_uri_and_spoofed_host_never_leave_configured_upstream(
+    stack: Stack, bob: str, evil: Recorder
+) -> None:
+    evil_host = f"127.0.0.1:{evil.port}"
+    cookie = session_header(stack, bob)
+    accept = ("Accept", "application/json")
+    requests = [
+        raw_get(f"http://{evil_host}/x", evil_host, [cookie, accept]),
+        raw_get(f"http://{evil_host}/x", host_of(stack), [cookie, accept]),
+        raw_get(f"http://{host_of(stack)}/x", evil_host, [cookie, accept]),
+        raw_get("/x", evil_host, [cookie, accept]),
+        raw_get("/x", "evil.example", [cookie, accept]),
+        raw_get(f"http://{evil_host}/public/x", evil_host, [accept]),
+        raw_get("/public/x", evil_host, [accept]),
+        raw_get("/x", host_of(stack), [cookie, accept, ("Host", evil_host)]),
+        raw_get(f"{evil_host}", evil_host, [cookie, accept], method="CONNECT"),
+        raw_get("*", evil_host, [cookie, accept], method="OPTIONS"),
+    ]
+    for data in requests:
+        resp = await raw_request(stack.url, data)
+        assert resp.status is not None and resp.status < 500, (data, resp.status)
+        print("DBG", data.split(b"\r\n")[0:2], resp.status)
+        if resp.status == 200:
+            echo = resp.json()
+            assert "evil" not in echo
+            # The request the token went with reached the configured echo upstream.
+            assert echo["path"] in ("/x", "/public/x")
+    assert evil.seen == []
+
+
+async def test_preserve_host_route_still_connects_to_upstream(
+    make_stack: StackFactory, evil: Recorder
+) -> None:
+    stack: Stack = await make_stack()
+    routes = [
+        {"prefix": "/", "upstream": str(stack.echo.url), "auth": "none", "preserve_host": True},
+    ]
+    stack2: Stack = await make_stack(routes=routes, idp=stack.idp, echo=stack.echo)
+    evil_host = f"127.0.0.1:{evil.port}"
+    resp = await raw_request(
+        stack2.url, raw_get("/x", evil_host, [("Accept", "application/json")])
+    )
+    assert resp.status == 200
+    assert values(resp.json(), "host") == [evil_host]
+    assert evil.seen == []
+
+
+# -- unauthenticated classification ------------------------------------------------------------
+
+
+async def test_navigation_redirects_to_login_with_return_path(
+    stack: Stack, api: aiohttp.ClientSession
+) -> None:
+    async with api.get(
+        stack.url + "/deep/page?x=1&y=a%20b", headers=NAV, allow_redirects=False
+    ) as resp:
+        assert resp.status == 302
+        location = resp.headers["Location"]
+    parts = urlsplit(location)
+    assert parts.scheme == "" and parts.netloc == "" and parts.path == "/oauth2/start"
+    assert parse_qs(parts.query)["rd"] == ["/deep/page?x=1&y=a%20b"]
+    # The start URL accepts that rd, and the flow's return path is the deep link.
+    async with api.get(stack.url + location, allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"].startswith(str(stack.idp.url))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Accept": "text/html", "Sec-Fetch-Mode": "cors"},
+        {"Accept": "application/json"},
+        {"Accept": "application/json", "Sec-Fetch-Mode": "navigate"},
+        {"Accept": "*/*"},
+        {},
+        {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"},
+        {"Accept": "text/html", "Sec-Fetch-Mode": "no-cors"},
+    ],
+    ids=["cors", "json", "json-navigate", "any", "none", "xhr", "no-cors"],
+)
+async def test_api_calls_get_401_json(stack: Stack, headers: dict[str, str]) -> None:
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.get(stack.url + "/data", headers=headers, allow_redirects=False) as resp,
+    ):
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        body = await resp.text()
+        if "text/html" in headers.get("Accept", "") and headers.get("Sec-Fetch-Mode") is None:
+            return  # an XHR asking for HTML: either shape is fine
+        assert resp.content_type == "application/json", body
+        assert json.loads(body)["error"] == "unauthenticated"
+
+
+async def test_deny_route_gives_401_even_to_navigations(stack: Stack) -> None:
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.get(stack.url + "/api/v1/x", headers=NAV, allow_redirects=False) as resp,
+    ):
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_post_navigation_gets_401(stack: Stack) -> None:
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.post(
+            stack.url + "/form", data={"a": "1"}, headers=NAV, allow_redirects=False
+        ) as resp,
+    ):
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_api_route_works_with_session(
+    stack: Stack, browser: aiohttp.ClientSession, bob: str
+) -> None:
+    status, echo = await fetch_json(browser, stack.url + "/api/v1/x")
+    assert status == 200
+    assert values(echo, "x-forwarded-user") == ["bob"]
+
+
+# -- upstream failures -------------------------------------------------------------------------
+
+
+async def test_dead_upstream_is_502(make_stack: StackFactory) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    stack: Stack = await make_stack(
+        routes=[
+            {"prefix": "/", "upstream": dead},
+            {"prefix": "/public", "upstream": dead, "auth": "none"},
+        ]
+    )
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), headers=NAV
+    ) as http:
+        async with http.get(stack.url + "/public/x", allow_redirects=False) as resp:
+            assert resp.status == 502
+            assert resp.content_type == "text/html"
+            body = await resp.text()
+            assert len(body) < 4096
+        async with http.get(stack.url + "/public/x", headers=API) as resp:
+            assert resp.status == 502
+            assert resp.content_type == "application/json"
+            assert (await resp.json())["error"] == "bad_gateway"
+        # Signed in, the protected route fails the same way (the login lands on it).
+        result = await http_login(http, stack.url + "/p", "bob", "bob")
+        assert result.status == 502
+        async with http.get(stack.url + "/p", headers=API) as resp:
+            assert resp.status == 502
+            body = await resp.text()
+            assert "Bearer" not in body
+
+
+async def test_slow_upstream_is_504(make_stack: StackFactory) -> None:
+    stack: Stack = await make_stack()
+    stack2: Stack = await make_stack(
+        idp=stack.idp,
+        echo=stack.echo,
+        routes=[
+            {"prefix": "/", "upstream": str(stack.echo.url), "auth": "none",
+             "timeouts": {"read": 0.3}},
+        ],  # fmt: skip
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(stack2.url + "/_echo/slow?delay=2", headers=API) as resp,
+    ):
+        assert resp.status == 504
+        assert (await resp.json())["error"] == "gateway_timeout"
+    async with http_client() as http, http.get(stack2.url + "/_echo/slow?delay=2", headers=NAV) as resp:
+        assert resp.status == 504
+        assert resp.content_type == "text/html"
+
+
+def http_client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession()
+
+
+async def test_query_passes_byte_for_byte(stack: Stack, bob: str) -> None:
+    """The query is the upstream's business: forwarded exactly as sent, never re-decoded."""
+    query = "q=a%26b%3Dc&y=a%20b%2Bc&z=%2F..%2Fadmin&e=%C3%A9&p=1+2&r=%25"
+    headers = [session_header(stack, bob), ("Accept", "application/json")]
+    for path in ("/public/q", "/q"):
+        resp = await raw_request(stack.url, raw_get(f"{path}?{query}", host_of(stack), headers))
+        assert resp.status == 200, resp.body
+        assert resp.json()["query"] == query
+        assert resp.json()["path"] == path

@@ -1,0 +1,156 @@
+"""Sign-out: GET confirmation, POST with CSRF (SECURITY.md 14), RFC 7009 revocation at the
+provider, RP-Initiated Logout through ``end_session_endpoint``, the signed-out page, and the
+back-channel logout the provider sends on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+import aiohttp
+import pytest
+from yarl import URL
+
+from tests.conftest import CLIENT_ID, RedisServer, Stack
+from tests.idp_client import FormParser
+from tests.test_refresh import bearer, call, login, session_keys
+
+
+async def confirmation_form(http: aiohttp.ClientSession, stack: Stack, query: str = "") -> dict[str, str]:
+    async with http.get(stack.url + "/oauth2/sign_out" + query) as resp:
+        assert resp.status == 200
+        assert resp.headers["Cache-Control"] == "no-store"
+        parser = FormParser()
+        parser.feed(await resp.text())
+    (form,) = parser.forms
+    assert form.method == "post" and form.action == "/oauth2/sign_out"
+    return {name: value for _, name, value in form.fields}
+
+
+async def test_full_sign_out_revokes_ends_the_provider_session_and_lands_signed_out(
+    stack: Stack,
+    browser: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.devidp")
+    caplog.set_level(logging.INFO, logger="gateway.logout")
+    state = stack.idp.state
+    await login(browser, stack)
+    status, body = await call(browser, stack.url + "/x")
+    assert status == 200
+    access = bearer(body)
+    refresh = list(state.refresh_tokens)[-1]
+    (idp_session,) = state.sessions.values()
+    old_cookie = browser.cookie_jar.filter_cookies(URL(stack.url))["gw_test"].value
+
+    fields = await confirmation_form(browser, stack, "?rd=/goodbye")
+    assert fields["rd"] == "/goodbye"
+    async with browser.post(stack.url + "/oauth2/sign_out", data=fields, allow_redirects=False) as resp:
+        assert resp.status == 303
+        assert resp.cookies["gw_test"].value == ""
+        end_session = URL(resp.headers["Location"])
+    # RFC 7009: both tokens were revoked at the provider before the redirect.
+    assert refresh in state.revoked and access in state.revoked
+    assert session_keys(redis_server, stack) == []
+
+    # RP-Initiated Logout 1.0 §2: id_token_hint, post_logout_redirect_uri and state.
+    assert str(end_session.with_query(None)) == stack.idp.url + "/end_session"
+    q = end_session.query
+    assert q["post_logout_redirect_uri"] == stack.url + "/oauth2/signed_out"
+    assert q["client_id"] == CLIENT_ID
+    assert len(q["state"]) >= 20
+    hint = state.keys.verify(q["id_token_hint"], issuer=state.issuer, verify_exp=False)
+    assert hint["sub"] == "alice" and hint["sid"] == idp_session.sid
+
+    async with browser.get(end_session, allow_redirects=False) as resp:
+        assert resp.status == 302
+        back = URL(resp.headers["Location"])
+    assert back.path == "/oauth2/signed_out" and back.query["state"] == q["state"]
+    # The provider ended its session and told the gateway through the back channel.
+    assert state.sessions == {}
+    assert [(c["sub"], c["sid"]) for c in state.backchannel_sent] == [("alice", idp_session.sid)]
+    said = [r.getMessage() for r in caplog.records if "back-channel" in r.getMessage()]
+    assert said == ["back-channel logout ended 0 session(s)"]  # delivered, answered 200
+
+    async with browser.get(back) as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    assert "signed out" in page
+    assert 'href="/goodbye"' in page
+
+    # The old cookie is worthless now, in any browser.
+    async with aiohttp.ClientSession(cookies={"gw_test": old_cookie}) as thief:
+        async with thief.get(stack.url + "/api/x") as resp:
+            assert resp.status == 401
+    async with browser.get(stack.url + "/x", allow_redirects=False) as resp:
+        assert resp.status == 302
+
+
+async def test_a_get_or_a_cross_site_post_logs_nobody_out(
+    stack: Stack, browser: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    await login(browser, stack)
+    fields = await confirmation_form(browser, stack)
+    url = stack.url + "/oauth2/sign_out"
+    attempts: list[tuple[dict[str, str], dict[str, str]]] = [
+        ({}, {}),  # no CSRF token at all
+        ({"csrf": "x" * 32}, {}),  # a wrong one
+        ({"csrf": fields["csrf"] + "x"}, {}),
+        (fields, {"Origin": "http://evil.example"}),  # right token, other site
+        (fields, {"Sec-Fetch-Site": "cross-site"}),
+        (fields, {"Origin": "null"}),
+    ]
+    for data, headers in attempts:
+        async with browser.post(url, data=data, headers=headers, allow_redirects=False) as resp:
+            assert resp.status == 403, (data.keys(), headers)
+            assert "gw_test" not in resp.cookies
+    for method in ("GET", "HEAD"):
+        async with browser.request(method, url, allow_redirects=False) as resp:
+            assert resp.status == 200
+    async with browser.put(url, data=fields, allow_redirects=False) as resp:
+        assert resp.status == 405
+    assert len(session_keys(redis_server, stack)) == 1
+    assert (await call(browser, stack.url + "/x"))[0] == 200
+    assert stack.idp.state.revoked == []
+
+
+async def test_sign_out_of_one_browser_leaves_the_other(stack: Stack, browser: aiohttp.ClientSession) -> None:
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), headers={"Accept": "text/html"}
+    ) as other:
+        await login(browser, stack)
+        await login(other, stack)
+        fields = await confirmation_form(browser, stack)
+        async with browser.post(stack.url + "/oauth2/sign_out", data=fields) as resp:
+            assert resp.status == 200  # followed to the signed-out page
+        assert (await call(browser, stack.url + "/api/x"))[0] == 401
+        assert (await call(other, stack.url + "/x"))[0] == 200
+
+
+@pytest.mark.parametrize("rd", ["//evil.example/", "https://evil.example/", "/\\evil.example"])
+async def test_the_sign_out_target_is_never_another_site(
+    stack: Stack, browser: aiohttp.ClientSession, rd: str
+) -> None:
+    await login(browser, stack)
+    fields = await confirmation_form(browser, stack)
+    fields["rd"] = rd
+    async with browser.post(stack.url + "/oauth2/sign_out", data=fields) as resp:
+        assert resp.status == 200
+        assert str(resp.url).startswith(stack.url + "/oauth2/signed_out")
+        page = await resp.text()
+    assert "evil" not in page
+    assert 'href="/"' in page
+
+
+async def test_sign_out_without_a_session(stack: Stack, browser: aiohttp.ClientSession) -> None:
+    async with browser.get(stack.url + "/oauth2/sign_out") as resp:
+        assert resp.status == 200
+        assert "not signed in" in await resp.text()
+    async with browser.post(stack.url + "/oauth2/sign_out", allow_redirects=False) as resp:
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/"
+    # A signed-out page reached with a forged state just offers the home page.
+    async with browser.get(stack.url + "/oauth2/signed_out?state=forged") as resp:
+        assert resp.status == 200
+        assert 'href="/"' in await resp.text()
+
