@@ -6,11 +6,14 @@ here is seen by the next request on any replica.
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from gateway.config import Settings
-from gateway.store import SessionMeta, open_store
+from gateway.errors import StoreError
+from gateway.store import SessionMeta, SessionStore, open_store
 
 
 def _fmt(ts: float) -> str:
@@ -25,9 +28,21 @@ def _line(meta: SessionMeta) -> str:
     )
 
 
-async def list_sessions(settings: Settings, user: str | None) -> int:
+async def _with_store(settings: Settings, action: Callable[[SessionStore], Awaitable[int]]) -> int:
     store = open_store(settings.session)
     try:
+        return await action(store)
+    except StoreError as exc:
+        print(f"gateway sessions: the session store did not answer ({exc})", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+
+
+async def list_sessions(settings: Settings, user: str | None) -> int:
+    """Print the sessions of one user (``user``) or every session (None)."""
+
+    async def act(store: SessionStore) -> int:
         if user:
             metas = await store.keys_for_user(user)
         else:
@@ -35,15 +50,15 @@ async def list_sessions(settings: Settings, user: str | None) -> int:
         for meta in sorted(metas, key=lambda m: m.created_at):
             print(_line(meta))
         print(f"{len(metas)} session(s)")
-    finally:
-        await store.close()
-    return 0
+        return 0
+
+    return await _with_store(settings, act)
 
 
 async def revoke_sessions(settings: Settings, user: str | None) -> int:
     """Delete the sessions of one user (``user``) or every session (None)."""
-    store = open_store(settings.session)
-    try:
+
+    async def act(store: SessionStore) -> int:
         if user is not None:
             metas = await store.keys_for_user(user)
         else:
@@ -53,6 +68,6 @@ async def revoke_sessions(settings: Settings, user: str | None) -> int:
             print(f"revoked {_line(meta)}")
         who = f"user {user}" if user is not None else "all users"
         print(f"revoked {len(metas)} session(s) of {who}")
-    finally:
-        await store.close()
-    return 0
+        return 0
+
+    return await _with_store(settings, act)

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import keys, login, logout
+from gateway.assertion import ASSERTION, AssertionSigner, jwks_handler
 from gateway.bearer import BearerVerifier
 from gateway.config import Settings
 from gateway.cookies import CookiePolicy
@@ -22,8 +23,8 @@ from gateway.crypto import KeyRing, decode_secret
 from gateway.errors import ProviderTransportError, StoreError
 from gateway.forward_auth import ForwardAuth
 from gateway.gate import Gate
-from gateway.metrics import METRICS, Metrics, metrics_handler
-from gateway.middleware import access_log, errors
+from gateway.metrics import METRICS, Metrics, metrics_handler, metrics_listener
+from gateway.middleware import access_log, errors, on_response_prepare
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
 from gateway.pages import NO_STORE
@@ -49,25 +50,29 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app[keys.COOKIES] = CookiePolicy.from_settings(settings.session)
     app[keys.ROUTES] = RouteTable(settings.routes)
     app[METRICS] = Metrics()
+    app[ASSERTION] = AssertionSigner.from_settings(settings)
+    app.on_response_prepare.append(on_response_prepare)
     app[STORE_FACTORY] = (
         (lambda: store) if store is not None else (lambda: open_store(settings.session))
     )
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_provider_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(metrics_listener(settings))
 
     gate = Gate(settings)
     app.router.add_get("/oauth2/start", login.start)
     app.router.add_get("/oauth2/callback", login.callback)
     app.router.add_get("/oauth2/userinfo", login.userinfo)
-    forward_auth = ForwardAuth(settings)
+    forward_auth = ForwardAuth(settings, gate)
     app.router.add_route("*", "/oauth2/auth", forward_auth.handle)
     app.router.add_route("*", "/oauth2/auth/{tail:.*}", forward_auth.handle)  # Envoy path_prefix
     app.router.add_route("*", "/oauth2/sign_out", logout.sign_out)
     app.router.add_get(logout.SIGNED_OUT_PATH, logout.signed_out)
-    app.router.add_post("/oauth2/backchannel_logout", logout.backchannel_logout)
+    app.router.add_route("*", "/oauth2/backchannel_logout", logout.backchannel_logout)
     if not settings.observability.metrics_listen:
         app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/.well-known/jwks.json", jwks_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_route("*", "/{tail:.*}", gate.handle)
@@ -87,6 +92,7 @@ async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
     provider = ProviderClient(settings.provider, settings.redirect_uri, http)
     app[keys.PROVIDER] = provider
     app[keys.SESSIONS] = SessionManager(settings.session, app[keys.STORE], app[keys.RING], provider)
+    app[keys.SESSIONS].on_refresh = app[METRICS].refreshed
     app[keys.BEARER] = BearerVerifier(provider, settings.provider)
     try:
         await provider.load()
@@ -107,7 +113,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             clients[tls] = make_upstream_client(
                 ca_file=route.tls_ca_file, verify_tls=route.tls_verify
             )
-        forwarders[index] = Forwarder(clients[tls])
+        forwarders[index] = Forwarder(clients[tls], ws_open=app[METRICS].websockets)
     app[keys.FORWARDERS] = forwarders
     yield
     for client in clients.values():

@@ -261,9 +261,7 @@ class BearerVerifier:
         self._remember(key, _Cached(until, principal))
         return principal
 
-    def _from_introspection(
-        self, data: dict[str, Any], issuer: str, now: float
-    ) -> BearerPrincipal:
+    def _from_introspection(self, data: dict[str, Any], issuer: str, now: float) -> BearerPrincipal:
         """RFC 7662 §2.2: only ``active: true`` counts; then the same checks as for a JWT."""
         if data.get("active") is not True:
             raise TokenValidationError("not active")
@@ -338,9 +336,7 @@ async def admit(verifier: BearerVerifier, route: Route, token: str) -> BearerPri
         if decision.reason == "missing scope":
             # RFC 6750 §3.1: tell the client which scope it needs.
             wanted = " ".join(route.settings.require.scopes).replace('"', "")
-            headers["WWW-Authenticate"] = (
-                f'{_REALM}, error="insufficient_scope", scope="{wanted}"'
-            )
+            headers["WWW-Authenticate"] = f'{_REALM}, error="insufficient_scope", scope="{wanted}"'
         log.info("bearer client refused by route policy: %s", decision.reason)
         raise Forbidden(headers=headers)
     return principal

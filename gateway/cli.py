@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from gateway.config import ConfigError, Settings, load_settings, redacted, resolve_path
 from gateway.crypto import new_secret
+from gateway.errors import StoreError
 from gateway.logs import configure_logging
 
 
@@ -36,20 +37,17 @@ def serve(settings: Settings) -> None:
     from aiohttp import web
 
     from gateway.app import create_app
-    from gateway.metrics import METRICS, start_metrics_server
 
     async def main() -> None:
+        # The observability.metrics_listen listener starts with the app (its cleanup_ctx).
         app = create_app(settings)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=True)
         await site.start()
-        metrics = await start_metrics_server(settings, app[METRICS])
         try:
             await asyncio.Event().wait()
         finally:
-            if metrics is not None:
-                await metrics.cleanup()
             await runner.cleanup()
 
     _install_uvloop()
@@ -124,12 +122,18 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     if settings.session.store != "redis":
         print("gateway sessions: needs session.store: redis", file=sys.stderr)
         return 2
-    if args.action == "list":
-        return asyncio.run(list_sessions(settings, args.user))
-    if not args.user and not args.all:
-        print("gateway sessions revoke: name --user SUB or --all", file=sys.stderr)
+    if args.action == "revoke" and bool(args.user) == bool(args.all):
+        print("gateway sessions revoke: name either --user SUB or --all", file=sys.stderr)
         return 2
-    return asyncio.run(revoke_sessions(settings, None if args.all else args.user))
+    try:
+        if args.action == "list":
+            return asyncio.run(list_sessions(settings, args.user))
+        return asyncio.run(revoke_sessions(settings, None if args.all else args.user))
+    except StoreError as exc:
+        print(f"gateway sessions: Redis did not answer ({exc})", file=sys.stderr)
+    except ValueError as exc:  # a redis_url that redis-py cannot use
+        print(f"gateway sessions: bad session.redis_url ({exc})", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

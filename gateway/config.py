@@ -32,6 +32,7 @@ ENV_PREFIX = "GATEWAY_"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster")
 
 
 class ConfigError(Exception):
@@ -176,6 +177,18 @@ class SessionSettings(_Model):
             raise ValueError("letters, digits, '-' and '_' only, at most 64")
         return v
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: SecretStr) -> SecretStr:
+        from urllib.parse import urlsplit
+
+        # The message never repeats the URL: it may carry the Redis password.
+        if urlsplit(v.get_secret_value()).scheme not in _REDIS_SCHEMES:
+            raise ValueError(
+                "must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
+            )
+        return v
+
     @model_validator(mode="after")
     def _prefix(self) -> SessionSettings:
         problems = []
@@ -258,6 +271,9 @@ class RouteSettings(_Model):
 class LogoutSettings(_Model):
     post_logout_redirect: str = "/"
     allowed_redirects: tuple[str, ...] = ()
+    # Opt-in: the ID token then travels through the browser to the provider (SECURITY.md 11
+    # says no token reaches the browser), for providers that refuse logout without it.
+    id_token_hint: bool = False
 
     @field_validator("allowed_redirects")
     @classmethod
@@ -278,6 +294,71 @@ class ObservabilitySettings(_Model):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host.strip("[]"):
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9090 or [::1]:9090")
+        return v
+
+
+_KEY_HELP = (
+    "must be an EC P-256 private key in PEM (inline, or the path of a PEM file); "
+    "make one with: openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256"
+)
+
+
+def _signing_key(v: Any) -> Any:
+    """Inline PEM or a PEM file's path → the PEM text, checked to be an EC P-256 private key.
+
+    Read and parsed here so ``check-config`` names a bad key; the message never repeats the
+    value (a pasted key without its PEM armour would otherwise be printed as a "path").
+    """
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(_KEY_HELP)
+    pem = raw
+    if "-----BEGIN" not in raw:
+        try:
+            pem = Path(raw.strip()).read_text(encoding="utf-8")
+        except OSError as exc:
+            why = exc.strerror or "invalid path"
+            raise ValueError(f"cannot read the key file ({why})") from None
+        except UnicodeDecodeError:
+            raise ValueError(_KEY_HELP) from None
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(_KEY_HELP + " (unencrypted)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError(_KEY_HELP)
+    return SecretStr(pem)
+
+
+SigningKey = Annotated[SecretStr, BeforeValidator(_signing_key)]
+
+
+class AssertionSettings(_Model):
+    """``X-Gateway-Assertion`` signing: the first key signs, every key is in the JWKS."""
+
+    issuer: str | None = None  # default: server.public_url
+    signing_keys: tuple[SigningKey, ...] = ()
+    ttl: Duration = 60.0
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, v: float) -> float:
+        if not 1 <= v <= 60:
+            raise ValueError("must be between 1s and 60s")
+        return v
+
 
 class Settings(_Model):
     server: ServerSettings
@@ -286,6 +367,7 @@ class Settings(_Model):
     routes: tuple[RouteSettings, ...] = Field(min_length=1)
     logout: LogoutSettings = LogoutSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    assertion: AssertionSettings = AssertionSettings()
 
     @property
     def redirect_uri(self) -> str:
@@ -427,6 +509,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
         data["provider"]["client_secret"] = "**********"
     data["session"]["cookie_secrets"] = ["**********" for _ in settings.session.cookie_secrets]
     data["session"]["redis_url"] = _redact_url(settings.session.redis_url.get_secret_value())
+    data["assertion"]["signing_keys"] = ["**********" for _ in settings.assertion.signing_keys]
     return data
 
 

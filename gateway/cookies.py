@@ -28,7 +28,8 @@ class CookiePolicy:
         return self.name + "-login-"
 
     def is_own(self, name: str) -> bool:
-        return name == self.name or name.startswith(self.login_prefix)
+        # ``<name>-logout`` holds the sign-out state until /oauth2/signed_out (logout.py).
+        return name in (self.name, self.name + "-logout") or name.startswith(self.login_prefix)
 
     def set(self, resp: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:
         resp.set_cookie(

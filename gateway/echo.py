@@ -122,6 +122,10 @@ async def echo(request: web.Request) -> web.Response:
             "headers": headers,
             "body_sha256": digest.hexdigest(),
             "body_length": length,
+            # The sender's source port: tests see whether the proxy reuses its connections.
+            "peer_port": (request.transport.get_extra_info("peername") or ("", 0))[1]
+            if request.transport is not None
+            else 0,
         }
     )
 

@@ -14,9 +14,11 @@ from aiohttp import web
 from yarl import URL
 
 from gateway import keys
+from gateway.assertion import audience_for
 from gateway.bearer import admit, bearer_token
 from gateway.config import DEFAULT_IDENTITY_HEADERS, Settings
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from gateway.headers import is_websocket_upgrade
 from gateway.login import start_url
 from gateway.pages import wants_html
 from gateway.policy import PathRejected, Route, check_requirements, normalize_path
@@ -74,6 +76,7 @@ class Gate:
         self.public_host = public.raw_authority
         self.public_proto = public.scheme
         self.upstreams = [URL(r.upstream) for r in settings.routes]
+        self.audiences = [audience_for(r.upstream) for r in settings.routes]
 
     def _trusted(self, peer: str | None) -> bool:
         if not peer or not self.trusted:
@@ -103,9 +106,14 @@ class Gate:
             path = normalize_path(request.raw_path)
         except PathRejected as exc:
             raise BadRequest(str(exc)) from None
+        if path == "/oauth2" or path.startswith("/oauth2/"):
+            # The gateway's own prefix: an endpoint with the wrong method, another spelling
+            # (//oauth2/start) or an unknown one is never the upstream's business.
+            raise NotFound()
         route = app[keys.ROUTES].match(path)
         if route is None:
             raise NotFound()
+        request[keys.ROUTE_LABEL] = route.settings.prefix
         if route.public:
             return await self._forward(request, route, path, {}, self.strip, None)
         cookies = app[keys.COOKIES]
@@ -128,6 +136,10 @@ class Gate:
         if session is loaded.session:
             await sessions.touch(loaded)
         inject = self.inject_for(route, session)
+        if route.settings.assertion:
+            inject[ASSERTION_HEADER] = self.assertion(
+                request, route, session.identity, session.session_id
+            )
         strip = self.strip_with_auth if route.settings.pass_access_token else self.strip
         return await self._forward(request, route, path, inject, strip, self._own_cookies(request))
 
@@ -139,7 +151,16 @@ class Gate:
         principal = await admit(request.app[keys.BEARER], route, token)
         inject = identity_headers(route.settings.identity_headers, principal.identity)
         inject["Authorization"] = f"Bearer {token}"
+        if route.settings.assertion:
+            inject[ASSERTION_HEADER] = self.assertion(request, route, principal.identity, None)
         return await self._forward(request, route, path, inject, self.strip_with_auth, None)
+
+    def assertion(
+        self, request: web.Request, route: Route, identity: Identity, session_id: str | None
+    ) -> str:
+        """``X-Gateway-Assertion`` for this route (reused for a few seconds per session)."""
+        signer = request.app[keys.ASSERTION]
+        return signer.assertion(identity, self.audiences[route.index], session_id)
 
     def inject_for(self, route: Route, session: Session) -> dict[str, str]:
         inject = identity_headers(route.settings.identity_headers, session.identity)
@@ -164,6 +185,9 @@ class Gate:
         if own_cookies is None:
             own_cookies = self._own_cookies(request) if request.cookies else ()
         xff, proto, host = self.forwarded(request)
+        rid = request.get(keys.REQUEST_ID)
+        if rid is not None:  # the client's own X-Request-Id (any spelling) is replaced
+            inject = {**inject, "X-Request-Id": rid}
         target = ProxyTarget(
             upstream=self.upstreams[route.index],
             path=path,
@@ -185,6 +209,9 @@ class Gate:
 
     def unauthenticated(self, request: web.Request, route: Route, path: str) -> Exception:
         mode = route.settings.on_unauthenticated
+        if is_websocket_upgrade(request.headers):
+            # A WebSocket client cannot follow a login redirect (RFC 6455 §4.1): plain 401.
+            return Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
         navigation = request.method in ("GET", "HEAD") and wants_html(request)
         if (mode == "login" and request.method in ("GET", "HEAD")) or (
             mode == "auto" and navigation

@@ -6,10 +6,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway.assertion import ASSERTION as ASSERTION
 from gateway.bearer import BearerVerifier
 from gateway.config import Settings
 from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing
+from gateway.metrics import METRICS as METRICS
 from gateway.oidc import ProviderClient
 from gateway.policy import RouteTable
 from gateway.sessions import SessionManager
@@ -27,7 +29,12 @@ SESSIONS = web.AppKey("sessions", SessionManager)
 ROUTES = web.AppKey("routes", RouteTable)
 FORWARDERS = web.AppKey("forwarders", dict[int, "Forwarder"])
 BEARER = web.AppKey("bearer", BearerVerifier)
+# ASSERTION and METRICS are defined next to their handlers and re-exported here.
 
 # Per-request values.
 REQUEST_ID = web.RequestKey("request_id", str)
 CLEAR_SESSION = web.RequestKey("clear_session_cookie", bool)
+# The matched route's prefix: the ``route`` label of metrics and the access log.
+ROUTE_LABEL = web.RequestKey("route_label", str)
+# perf_counter() when the response headers went out (latency = time to headers).
+HEADERS_AT = web.RequestKey("headers_at", float)

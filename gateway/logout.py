@@ -25,6 +25,7 @@ from gateway.errors import (
     Forbidden,
     MethodNotAllowed,
     ProviderTransportError,
+    ProviderUnavailable,
     StoreError,
     StoreUnavailable,
     TokenValidationError,
@@ -72,8 +73,11 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     if request.method in ("GET", "HEAD"):
         return _confirm_page(request, loaded)
     if request.method != "POST":
-        raise MethodNotAllowed()
-    form = await request.post()
+        raise MethodNotAllowed(headers={"Allow": "GET, HEAD, POST"})
+    try:
+        form = await request.post()
+    except ValueError:  # e.g. multipart without its boundary, or bytes that are not UTF-8
+        raise BadRequest("The sign-out form was malformed.") from None
     rd = form.get("rd")
     target = _target(request, rd if isinstance(rd, str) else None)
     if loaded is None:
@@ -105,6 +109,7 @@ async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.
             await provider.revoke(tokens.refresh_token, "refresh_token")
         await provider.revoke(tokens.access_token, "access_token")
     log.info("sign-out", extra={"sub": loaded.session.identity.sub})
+    app[keys.METRICS].logouts.labels(kind="sign_out").inc()
     state = random_token(24)
     payload = json.dumps({"state": state, "target": target, "at": time.time()}).encode()
     sealed = app[keys.RING].seal_text(payload, _LOGOUT_PURPOSE)
@@ -112,7 +117,8 @@ async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.
     post_logout = settings.server.public_url + SIGNED_OUT_PATH
     url = None
     if meta is not None:
-        url = provider.end_session_url(meta, tokens.id_token, post_logout, state)
+        hint = tokens.id_token if settings.logout.id_token_hint else None
+        url = provider.end_session_url(meta, hint, post_logout, state)
     resp = redirect(url or f"{SIGNED_OUT_PATH}?state={state}", 303)
     cookies.clear(resp, cookies.name)
     cookies.set(resp, cookies.name + "-logout", sealed, 600)
@@ -120,9 +126,11 @@ async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.
 
 
 def _confirm_page(request: web.Request, loaded: Loaded | None) -> web.StreamResponse:
+    settings = request.app[keys.SETTINGS]
     rd = request.query.get("rd", "")
-    safe_rd = html.escape(rd if safe_redirect(rd, request.app[keys.SETTINGS].server.public_url,
-                                               request.app[keys.SETTINGS].logout.allowed_redirects) else "", quote=True)  # fmt: skip
+    if safe_redirect(rd, settings.server.public_url, settings.logout.allowed_redirects) is None:
+        rd = ""
+    safe_rd = html.escape(rd, quote=True)
     if loaded is None:
         return page("You are not signed in", '<p><a href="/">Continue</a></p>')
     who = loaded.session.identity.email or loaded.session.identity.sub
@@ -164,9 +172,15 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     """OIDC Back-Channel Logout 1.0: end the sessions of a ``sid``, or of a ``sub``."""
     app = request.app
     provider, store = app[keys.PROVIDER], app[keys.STORE]
+    if request.method != "POST":
+        # §2.5: the logout token arrives by POST only; never fall through to the proxy.
+        raise MethodNotAllowed(headers={"Allow": "POST"})
     if request.content_type != "application/x-www-form-urlencoded":
         raise BadRequest("expected a form with logout_token")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except ValueError:  # bytes that are not UTF-8
+        raise BadRequest("expected a form with logout_token") from None
     token = form.get("logout_token")
     if not isinstance(token, str) or not token:
         raise BadRequest("logout_token is required")
@@ -177,7 +191,8 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
         log.info("back-channel logout token rejected: %s", exc.reason)
         raise BadRequest("invalid logout_token") from None
     except ProviderTransportError:
-        raise StoreUnavailable("The provider's keys could not be loaded; retry.") from None
+        # The provider's keys could not be loaded: 503, so the provider retries (§2.8).
+        raise ProviderUnavailable() from None
     try:
         ttl = max(300.0, claims.exp - time.time() + 120)
         if not await store.claim_once("jti:" + claims.jti, ttl):
@@ -192,4 +207,5 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     except StoreError:
         raise StoreUnavailable() from None
     log.info("back-channel logout ended %d session(s)", len(metas))
+    app[keys.METRICS].logouts.labels(kind="backchannel").inc(len(metas))
     return web.json_response({"ended": len(metas)}, headers=NO_STORE)

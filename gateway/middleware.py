@@ -1,11 +1,15 @@
-"""Middlewares: the one place a ``GatewayError`` becomes an HTTP answer, and the access log.
+"""Middlewares: the one place a ``GatewayError`` becomes an HTTP answer, the access log and
+the per-request metrics.
 
 Nothing a hostile client sends may turn into a 500: unexpected exceptions are logged (without
-request data that could hold a secret) and answered with a generic 500 page.
+request data that could hold a secret) and answered with a generic 500 page. The access log
+line carries the path only, never the query (it can hold a code or state), and the metrics
+carry the matched route's prefix, never the path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -15,13 +19,21 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import keys
-from gateway.errors import GatewayError, ProviderDenied
+from gateway.errors import (
+    GatewayError,
+    ProviderDenied,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.login import denied_page
+from gateway.metrics import OWN_ROUTE
 from gateway.pages import error_response
 
 log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.error")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+_CALLBACK = "/oauth2/callback"
 
 
 def _clear_if_asked(request: web.Request, resp: web.StreamResponse) -> None:
@@ -37,6 +49,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ProviderDenied as exc:
         return denied_page(exc)
     except GatewayError as exc:
+        _count_error(request, exc)
         link = None
         if exc.status == 400 and request.path == "/oauth2/callback":
             link = ("/oauth2/start", "Start signing in again")
@@ -46,6 +59,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         _clear_if_asked(request, exc)
         raise
+    except ConnectionResetError:
+        # The client left mid-request (e.g. while its body was read): not the gateway's
+        # failure, and nobody is there to read an answer.
+        errlog.info("client disconnected during %s %s", request.method, request.path)
+        return error_response(request, 400, "bad_request", "The request was incomplete.")
     except Exception:
         errlog.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(request, 500, "internal_error", "The gateway failed unexpectedly.")
@@ -53,9 +71,31 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return resp
 
 
+def _count_error(request: web.Request, exc: GatewayError) -> None:
+    metrics = request.app.get(keys.METRICS)
+    if metrics is None:
+        return
+    if isinstance(exc, StoreUnavailable):
+        metrics.store_errors.inc()
+    elif isinstance(exc, UpstreamTimeout):
+        metrics.upstream_errors.labels(kind="timeout").inc()
+    elif isinstance(exc, UpstreamError):
+        metrics.upstream_errors.labels(kind="bad_gateway").inc()
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Signal: stamp every answer (proxied and streamed ones too) with the request id, and
+    note when the headers went out so latency is time-to-headers, not stream lifetime."""
+    request[keys.HEADERS_AT] = time.perf_counter()
+    rid = request.get(keys.REQUEST_ID)
+    if rid is not None:
+        response.headers["X-Request-Id"] = rid
+
+
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id (passed through when well-formed, else generated) and one log line a request."""
+    """Request id (passed through when well-formed, else generated), one log line a request,
+    and the request metrics."""
     rid = request.headers.get("X-Request-Id", "")
     if not _REQUEST_ID_RE.match(rid):
         rid = secrets.token_hex(16)
@@ -65,14 +105,24 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         resp = await handler(request)
         status = resp.status
-        if not resp.prepared:
-            resp.headers["X-Request-Id"] = rid
         return resp
     except web.HTTPException as exc:
         status = exc.status
-        exc.headers["X-Request-Id"] = rid
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client left before the answer (nginx's "client closed request")
         raise
     finally:
+        end = time.perf_counter()
+        route = request.get(keys.ROUTE_LABEL, OWN_ROUTE)
+        metrics = request.app.get(keys.METRICS)
+        if metrics is not None:
+            metrics.observe(route, status, request.get(keys.HEADERS_AT, end) - start)
+            if request.path == _CALLBACK:
+                # The callback redirects only once the session exists; any other answer
+                # (provider error, bad state, store down) is a failed login.
+                result = "success" if 300 <= status < 400 else "failure"
+                metrics.logins.labels(result=result).inc()
         log.info(
             "%s %s %s",
             request.method,
@@ -83,7 +133,8 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
                 "method": request.method,
                 "path": request.path,
                 "status": status,
-                "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                "duration_ms": round((end - start) * 1000, 2),
+                "route": route,
                 "remote": request.remote,
             },
         )

@@ -84,6 +84,10 @@ _TITLES = {
 }
 
 
-def redirect(location: str, status: int = 302, headers: dict[str, str] | None = None) -> web.Response:
+def redirect(
+    location: str, status: int = 302, headers: dict[str, str] | None = None
+) -> web.Response:
     """A redirect as a plain response (so cookies can be set on it before it is returned)."""
-    return web.Response(status=status, headers={"Location": location, **NO_STORE, **(headers or {})})
+    return web.Response(
+        status=status, headers={"Location": location, **NO_STORE, **(headers or {})}
+    )

@@ -34,7 +34,11 @@ async def probe(settings: Settings) -> list[Result]:
     finally:
         await http.close()
     if settings.session.store == "redis":
-        store = open_store(settings.session)
+        try:
+            store = open_store(settings.session)
+        except ValueError as exc:  # e.g. a redis+sentinel:// URL without a service name
+            results.append(("redis", False, f"bad redis_url ({exc})"))
+            return results
         try:
             await store.ping()
             results.append(("redis", True, "PING answered"))

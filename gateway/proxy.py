@@ -21,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
+from prometheus_client import Gauge
 from yarl import URL
 
 from gateway.errors import BadRequest, MethodNotAllowed, UpstreamError, UpstreamTimeout
@@ -129,8 +130,9 @@ def make_upstream_client(
 class Forwarder:
     """Sends admitted requests upstream over one shared client session."""
 
-    def __init__(self, client: aiohttp.ClientSession) -> None:
+    def __init__(self, client: aiohttp.ClientSession, ws_open: Gauge | None = None) -> None:
         self._client = client
+        self._ws_open = ws_open  # the gateway_websockets_open gauge, when metrics are on
 
     async def forward(self, request: web.Request, target: ProxyTarget) -> web.StreamResponse:
         if request.method == "CONNECT":
@@ -192,7 +194,8 @@ class Forwarder:
         )
         try:
             await client.prepare(request)
-            await _relay_websocket(client, upstream)
+            with self._ws_open.track_inprogress() if self._ws_open else contextlib.nullcontext():
+                await _relay_websocket(client, upstream)
         finally:
             # Also reached when the server cancels the handler because the client's
             # connection dropped right after its Close frame: pass its code on.

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.config import SessionSettings
@@ -99,6 +99,9 @@ class SessionManager:
         # Slide the idle timeout at most once a minute, and often enough for short timeouts.
         self._touch_interval = min(TOUCH_INTERVAL, settings.idle_timeout / 10)
         self.refresh_count = 0
+        # Told the outcome of every refresh call: "success", "failure" (session kept) or
+        # "ended" (grant refused); app.py points it at the metrics.
+        self.on_refresh: Callable[[str], None] = lambda result: None
 
     # -- load / save -----------------------------------------------------------------------
 
@@ -226,9 +229,11 @@ class SessionManager:
         # The lock outlives the slowest refresh (token call, JWKS, userinfo each bounded by
         # the provider timeout): were it to expire mid-refresh, another replica could present
         # the refresh token being rotated, and the provider would revoke the whole family.
+        # Waiters give up sooner (one provider call's worth) and serve what they can.
         hold = 3 * self.provider.settings.timeout + 5.0
+        wait = self.provider.settings.timeout + 5.0
         try:
-            async with self.store.lock("refresh:" + ticket.store_key, ttl=hold, wait=hold) as won:
+            async with self.store.lock("refresh:" + ticket.store_key, ttl=hold, wait=wait) as won:
                 current = await self._read(ticket)
                 if current is None:
                     raise SessionEnded()
@@ -260,24 +265,35 @@ class SessionManager:
         except OAuthError as exc:
             if exc.error in _GRANT_GONE:
                 log.info("refresh refused (%s): session ended", exc.error)
+                self.on_refresh("ended")
                 await self._drop(ticket)
                 raise SessionEnded() from None
             log.warning("refresh failed with %s; keeping the session", exc.error)
+            self.on_refresh("failure")
             return self._keep_or_fail(ticket, session, self.clock())
         except ProviderTransportError as exc:
             log.warning("refresh failed: %s; keeping the session", exc)
+            self.on_refresh("failure")
             return self._keep_or_fail(ticket, session, self.clock())
         now = self.clock()
         id_claims: dict[str, Any] = {}
+        tokens = tokens_from(resp, now, session.tokens)
         if resp.id_token:
             try:
                 id_claims = await self.provider.validator.validate_id_token(
                     resp.id_token, nonce=None, expect_sub=session.identity.sub
                 )
-            except (TokenValidationError, ProviderTransportError) as exc:
-                log.warning("refreshed ID token rejected: %s", getattr(exc, "reason", exc))
+            except TokenValidationError as exc:
+                log.warning("refreshed ID token rejected: %s", exc.reason)
+                self.on_refresh("ended")
                 await self._drop(ticket)
                 raise SessionEnded() from None
+            except ProviderTransportError as exc:
+                # The keys could not be fetched just now. The provider has already rotated
+                # the refresh token, so the new tokens must be kept; the identity is not
+                # updated from an ID token we could not verify.
+                log.warning("refreshed ID token not verified (%s); identity kept", exc)
+                tokens = replace(tokens, id_token=session.tokens.id_token)
         userinfo = None
         if self.provider.settings.userinfo_endpoint or (self.provider.loaded):
             userinfo = await self.provider.userinfo(resp.access_token)
@@ -285,10 +301,11 @@ class SessionManager:
         if id_claims or userinfo:
             base = {"sub": session.identity.sub, **session.identity.claims, **id_claims}
             identity = identity_from(base, userinfo)
-        updated = session.with_tokens(tokens_from(resp, now, session.tokens), identity, now)
+        updated = session.with_tokens(tokens, identity, now)
         # Saved before the lock is released: no replica can present the rotated-out token.
         await self.save(ticket, updated)
         self._failed.pop(ticket.store_key, None)
+        self.on_refresh("success")
         return updated
 
     async def _drop(self, ticket: Ticket) -> None:

@@ -49,8 +49,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        persist = (["--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always"]
-                   if self.data_dir else ["--appendonly", "no"])
+        persist = (
+            ["--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always"]
+            if self.data_dir
+            else ["--appendonly", "no"]
+        )
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              *persist, "--daemonize", "no", "--loglevel", "warning"],
@@ -59,7 +62,10 @@ class RedisServer:
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
@@ -191,6 +197,8 @@ async def make_stack(redis_server: RedisServer) -> AsyncIterator[StackFactory]:
     ) -> Stack:
         port = port or free_port()
         url = f"http://127.0.0.1:{port}"
+        # A gateway behind a proxy (server.public_url) is registered under the proxy's origin.
+        public = str((overrides.get("server") or {}).get("public_url", url))
         secret = None if client_auth == "none" else CLIENT_SECRET
         if client_auth != "client_secret_basic":
             overrides["provider"] = {
@@ -207,8 +215,8 @@ async def make_stack(redis_server: RedisServer) -> AsyncIterator[StackFactory]:
                             client_id=CLIENT_ID,
                             client_secret=secret,
                             token_endpoint_auth_method=client_auth,
-                            redirect_uris=(url + "/oauth2/callback",),
-                            post_logout_redirect_uris=(url + "/oauth2/signed_out",),
+                            redirect_uris=(public + "/oauth2/callback",),
+                            post_logout_redirect_uris=(public + "/oauth2/signed_out",),
                             backchannel_logout_uri=url + "/oauth2/backchannel_logout",
                         )
                     ],
@@ -220,7 +228,9 @@ async def make_stack(redis_server: RedisServer) -> AsyncIterator[StackFactory]:
             echo = await start_echo()
             started.append(echo)
         rurl = (redis_url or redis_server.url) if store == "redis" else None
-        settings = validate(gateway_config(url, str(idp.url), str(echo.url), rurl, **overrides), env={})
+        settings = validate(
+            gateway_config(url, str(idp.url), str(echo.url), rurl, **overrides), env={}
+        )
         app = create_app(settings)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -66,7 +66,9 @@ async def test_a_logout_token_with_a_sid_ends_only_that_session(
         sid = idp_sid(stack, browser)
         assert sid != idp_sid(stack, second)
 
-        status, headers, body = await post(stack, data={"logout_token": logout_token(stack, sid=sid)})
+        status, headers, body = await post(
+            stack, data={"logout_token": logout_token(stack, sid=sid)}
+        )
         assert status == 200, body
         assert headers["Cache-Control"] == "no-store"
         assert (await call(browser, stack.url + "/api/x"))[0] == 401
@@ -127,7 +129,9 @@ def bad_tokens(stack: Stack, sid: str) -> dict[str, str]:
     )  # fmt: skip
     refreshed_id_token = {k: v for k, v in id_token.items() if k != "nonce"}
     return {
-        "unknown signing key": sign(claims(stack, sid=sid), {"typ": "logout+jwt"}, key="unpublished"),
+        "unknown signing key": sign(
+            claims(stack, sid=sid), {"typ": "logout+jwt"}, key="unpublished"
+        ),
         "bad signature": f"{head}.{payload}.{flipped}",
         "wrong iss": logout_token(stack, sid=sid, iss="http://127.0.0.1:1"),
         "wrong aud": logout_token(stack, sid=sid, aud="another-client"),

@@ -3,7 +3,7 @@ tokens kept out of the browser, sign-out through the UI and the provider's end_s
 denied consent.
 
 Debian's /usr/bin/chromium is driven by Playwright's async API inside the test's own event
-loop; no browser is ever downloaded. Set ``GATEWAY_BROWSER_SCREENSHOTS=/some/dir`` to keep
+loop; no browser is ever downloaded. Set ``BROWSER_TEST_SCREENSHOTS=/some/dir`` to keep
 PNG screenshots of the provider's sign-in page and the echo page for a human to look at.
 """
 
@@ -62,7 +62,7 @@ async def _shot(page: Page, name: str) -> None:
     """Render the page (proves it paints); keep the PNG when a human asked for it."""
     png = await page.screenshot(full_page=True)
     assert png.startswith(PNG_MAGIC)
-    where = os.environ.get("GATEWAY_BROWSER_SCREENSHOTS")
+    where = os.environ.get("BROWSER_TEST_SCREENSHOTS")
     if where:
         Path(where, f"gateway-browser-{name}.png").write_bytes(png)
 
@@ -73,8 +73,8 @@ async def _sign_in(page: Page, stack: Stack, username: str, password: str) -> No
     assert await page.title() == "Sign in - Dev IdP"
     await page.fill("#username", username)
     await page.fill("#password", password)
-    await page.get_by_role("button", name="Sign in").click()
-    await page.wait_for_load_state()
+    async with page.expect_navigation():
+        await page.get_by_role("button", name="Sign in").click()
 
 
 async def _echo_row(page: Page, header: str) -> str:

@@ -424,3 +424,25 @@ def test_secrets_absent_from_config_errors() -> None:
     assert len(info.value.problems) >= 5
     for secret in (CLIENT_SECRET, REDIS_PASSWORD, COOKIE_SECRET, bad_secret):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://h:6379/0", "rediss://h:6380/1", "unix:///run/redis.sock",
+     "redis+sentinel://h1:26379,h2:26379/mymaster", "redis+cluster://h:7000"],
+)  # fmt: skip
+def test_redis_url_schemes_accepted(url: str) -> None:
+    data = base_config()
+    data["session"]["redis_url"] = url
+    assert validate(data, env={}).session.redis_url.get_secret_value() == url
+
+
+@pytest.mark.parametrize("url", ["http://h:6379", "h:6379", "memcached://h", ""])
+def test_redis_url_scheme_refused_without_echoing_it(url: str) -> None:
+    data = base_config()
+    data["session"]["redis_url"] = (
+        url.replace("h", f":{REDIS_PASSWORD}@h", 1) if "//" in url else url
+    )
+    [problem] = problems_of(data)
+    assert problem.startswith("session.redis_url: must be a redis://")
+    assert REDIS_PASSWORD not in problem

@@ -130,7 +130,9 @@ async def test_login_state_cookie_attributes(host_stack: Stack) -> None:
     assert 0 < max_age <= 600
 
 
-async def test_session_cookie_attributes(host_stack: Stack, sbrowser: aiohttp.ClientSession) -> None:
+async def test_session_cookie_attributes(
+    host_stack: Stack, sbrowser: aiohttp.ClientSession
+) -> None:
     # Drive the login by hand up to the callback so its Set-Cookie lines can be read.
     result = await http_login(
         sbrowser, host_stack.url + "/", "bob", "bob", stop_at=host_stack.url + "/oauth2/callback"
@@ -247,7 +249,9 @@ async def assert_no_session(stack: Stack, cookie_header: str) -> None:
     assert await status_with_cookie(stack, "/oauth2/userinfo", cookie_header, API) == 401
 
 
-async def test_bad_session_cookies_are_no_session(stack: Stack, browser: aiohttp.ClientSession) -> None:
+async def test_bad_session_cookies_are_no_session(
+    stack: Stack, browser: aiohttp.ClientSession
+) -> None:
     good = await login(browser, stack)
     name = stack.settings.session.cookie_name
     assert await session_works(stack, good)
@@ -376,7 +380,9 @@ async def post_sign_out(
         return resp
 
 
-async def test_cross_site_get_does_not_sign_out(stack: Stack, browser: aiohttp.ClientSession) -> None:
+async def test_cross_site_get_does_not_sign_out(
+    stack: Stack, browser: aiohttp.ClientSession
+) -> None:
     good = await login(browser, stack)
     cross = {"Sec-Fetch-Site": "cross-site", "Referer": "http://evil.example/"}
     for query in ("", "?rd=/", "?rd=http://evil.example/", "?csrf=x&confirm=1"):

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import CLIENT_ID, RedisServer, Stack
-from tests.test_login import Answer, cookie_value, login, session_keys, whoami
+from tests.test_login import Answer, cookie_value, login, new_browser, session_keys, whoami
 
 
 async def assert_refused(
@@ -102,10 +102,7 @@ async def test_unknown_kid_refetches_jwks_once_then_fails_rate_limited(
     fetched = idp.jwks_calls
     await assert_refused(stack, browser, redis_server, await login(browser, stack))
     assert idp.jwks_calls == fetched + 1
-    async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.CookieJar(unsafe=True),
-        headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
-    ) as second:
+    async with new_browser() as second:
         answer = await login(second, stack)
         assert 400 <= answer.status < 500 and not answer.sets_session()
     assert idp.jwks_calls == fetched + 1  # rate-limited: a forged kid is no fetch amplifier
@@ -125,9 +122,6 @@ async def test_login_works_after_the_provider_rotates_its_keys(
     assert idp.jwks_calls == fetched + 1
     assert (await whoami(browser, stack))[1]["sub"] == "alice"
     # Tokens signed with the key now cached need no further fetch.
-    async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.CookieJar(unsafe=True),
-        headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
-    ) as second:
+    async with new_browser() as second:
         assert (await login(second, stack, "bob")).sets_session()
     assert idp.jwks_calls == fetched + 1

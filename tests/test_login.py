@@ -51,6 +51,14 @@ class Answer:
         return bool(self.set_cookies.get(COOKIE))
 
 
+def new_browser() -> aiohttp.ClientSession:
+    """Another browser: its own cookie jar, the same navigation headers as ``browser``."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+        headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
+    )
+
+
 async def fetch(
     http: aiohttp.ClientSession,
     url: str,
@@ -60,9 +68,7 @@ async def fetch(
     headers: dict[str, str] | None = None,
 ) -> Answer:
     """One request, redirects not followed."""
-    async with http.request(
-        method, url, data=data, headers=headers, allow_redirects=False
-    ) as resp:
+    async with http.request(method, url, data=data, headers=headers, allow_redirects=False) as resp:
         body = await resp.text()
         jar = SimpleCookie()
         for raw in resp.headers.getall("Set-Cookie", []):
@@ -184,7 +190,9 @@ def store_key(stack: Stack, cookie: str) -> bytes:
 
 async def whoami(http: aiohttp.ClientSession, stack: Stack) -> tuple[int, dict[str, Any]]:
     """GET /oauth2/userinfo as JSON: (status, body)."""
-    answer = await fetch(http, stack.url + "/oauth2/userinfo", headers={"Accept": "application/json"})
+    answer = await fetch(
+        http, stack.url + "/oauth2/userinfo", headers={"Accept": "application/json"}
+    )
     return answer.status, json.loads(answer.body) if answer.body else {}
 
 
@@ -225,7 +233,9 @@ async def echo_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 # -- tests -------------------------------------------------------------------------------------
 
 
-async def test_deep_link_login_lands_on_deep_link(stack: Stack, browser: aiohttp.ClientSession) -> None:
+async def test_deep_link_login_lands_on_deep_link(
+    stack: Stack, browser: aiohttp.ClientSession
+) -> None:
     result = await http_login(browser, stack.url + "/some/deep/page?x=1&y=2", "alice", "alice")
     assert result.status == 200
     assert result.url == stack.url + "/some/deep/page?x=1&y=2"

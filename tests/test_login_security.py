@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from gateway import keys
 from gateway.crypto import sha256_b64u
 from tests.conftest import CLIENT_ID, RedisServer, Stack
 from tests.idp_client import http_login
@@ -34,6 +33,7 @@ from tests.test_login import (
     follow,
     login,
     login_cookies,
+    new_browser,
     open_flow,
     query_of,
     redis_snapshot,
@@ -46,14 +46,6 @@ from tests.test_login import (
 )
 
 B64URL_43 = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-def new_browser() -> aiohttp.ClientSession:
-    """Another browser: its own cookie jar, the same navigation headers as ``browser``."""
-    return aiohttp.ClientSession(
-        cookie_jar=aiohttp.CookieJar(unsafe=True),
-        headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
-    )
 
 
 def is_client_error(answer: Answer) -> bool:
@@ -404,12 +396,10 @@ async def test_every_callback_answer_is_no_store_and_no_referrer(
     answers["repeated"] = await fetch(browser, url + "&state=x")
     answers["bare"] = await fetch(browser, stack.settings.redirect_uri)
     state = query_of(await start_login(browser, stack))["state"]
-    answers["denied"] = await fetch(
-        browser,
-        str(URL(stack.settings.redirect_uri).with_query(
-            state=state, iss=stack.idp.issuer, error="access_denied"
-        )),
-    )  # fmt: skip
+    denied = URL(stack.settings.redirect_uri).with_query(
+        state=state, iss=stack.idp.issuer, error="access_denied"
+    )
+    answers["denied"] = await fetch(browser, str(denied))
     stack.idp.state.faults.bad_signature = True
     answers["bad-id-token"] = await login(browser, stack)
     for name, answer in answers.items():
@@ -442,9 +432,12 @@ async def test_tokens_never_reach_the_browser(
 ) -> None:
     """A whole login, proxied requests, /oauth2/userinfo and sign-out, all recorded."""
     http, traffic = recorded
+    # A deep link: the gate → /oauth2/start → the provider's sign-in page (the last URL).
     landed = await follow(http, stack.url + "/app/page?x=1")
     assert landed.status == 200 and "/oauth2/start" in "".join(traffic.urls)
-    assert (await follow(http, await authorize(http, stack, traffic.urls[-1], "alice"))).status == 200
+    assert (
+        await follow(http, await authorize(http, stack, traffic.urls[-1], "alice"))
+    ).status == 200
     cookie = cookie_value(http, stack)
     assert cookie is not None
     _, session = await stored_session(stack, cookie)

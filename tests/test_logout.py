@@ -6,16 +6,19 @@ back-channel logout the provider sends on the way.
 from __future__ import annotations
 
 import logging
+
 import aiohttp
 import pytest
 from yarl import URL
 
 from tests.conftest import CLIENT_ID, RedisServer, Stack
 from tests.idp_client import FormParser
-from tests.test_refresh import bearer, call, login, session_keys
+from tests.test_refresh import bearer, call, login, session_keys, upstream_headers
 
 
-async def confirmation_form(http: aiohttp.ClientSession, stack: Stack, query: str = "") -> dict[str, str]:
+async def confirmation_form(
+    http: aiohttp.ClientSession, stack: Stack, query: str = ""
+) -> dict[str, str]:
     async with http.get(stack.url + "/oauth2/sign_out" + query) as resp:
         assert resp.status == 200
         assert resp.headers["Cache-Control"] == "no-store"
@@ -45,22 +48,29 @@ async def test_full_sign_out_revokes_ends_the_provider_session_and_lands_signed_
 
     fields = await confirmation_form(browser, stack, "?rd=/goodbye")
     assert fields["rd"] == "/goodbye"
-    async with browser.post(stack.url + "/oauth2/sign_out", data=fields, allow_redirects=False) as resp:
+    async with browser.post(
+        stack.url + "/oauth2/sign_out", data=fields, allow_redirects=False
+    ) as resp:
         assert resp.status == 303
         assert resp.cookies["gw_test"].value == ""
         end_session = URL(resp.headers["Location"])
     # RFC 7009: both tokens were revoked at the provider before the redirect.
     assert refresh in state.revoked and access in state.revoked
     assert session_keys(redis_server, stack) == []
+    # The sign-out state cookie is the gateway's own: never forwarded upstream.
+    assert "gw_test-logout" in browser.cookie_jar.filter_cookies(URL(stack.url))
+    status, seen = await call(browser, stack.url + "/public/x")
+    assert status == 200
+    assert "gw_test" not in upstream_headers(seen).get("cookie", "")
 
-    # RP-Initiated Logout 1.0 §2: id_token_hint, post_logout_redirect_uri and state.
+    # RP-Initiated Logout 1.0 §2: client_id, post_logout_redirect_uri and state; no
+    # id_token_hint, since the Location header travels through the browser (SECURITY.md 11).
     assert str(end_session.with_query(None)) == stack.idp.url + "/end_session"
     q = end_session.query
     assert q["post_logout_redirect_uri"] == stack.url + "/oauth2/signed_out"
     assert q["client_id"] == CLIENT_ID
     assert len(q["state"]) >= 20
-    hint = state.keys.verify(q["id_token_hint"], issuer=state.issuer, verify_exp=False)
-    assert hint["sub"] == "alice" and hint["sid"] == idp_session.sid
+    assert "id_token_hint" not in q
 
     async with browser.get(end_session, allow_redirects=False) as resp:
         assert resp.status == 302
@@ -114,7 +124,9 @@ async def test_a_get_or_a_cross_site_post_logs_nobody_out(
     assert stack.idp.state.revoked == []
 
 
-async def test_sign_out_of_one_browser_leaves_the_other(stack: Stack, browser: aiohttp.ClientSession) -> None:
+async def test_sign_out_of_one_browser_leaves_the_other(
+    stack: Stack, browser: aiohttp.ClientSession
+) -> None:
     async with aiohttp.ClientSession(
         cookie_jar=aiohttp.CookieJar(unsafe=True), headers={"Accept": "text/html"}
     ) as other:
@@ -154,3 +166,23 @@ async def test_sign_out_without_a_session(stack: Stack, browser: aiohttp.ClientS
         assert resp.status == 200
         assert 'href="/"' in await resp.text()
 
+
+async def test_id_token_hint_is_sent_only_when_the_operator_opts_in(
+    make_stack: object, browser: aiohttp.ClientSession
+) -> None:
+    """``logout.id_token_hint: true`` adds the hint for providers that refuse logout without it;
+    the default keeps every token out of the browser (SECURITY.md 11)."""
+    stack: Stack = await make_stack(logout={"id_token_hint": True})  # type: ignore[operator]
+    await login(browser, stack)
+    fields = await confirmation_form(browser, stack)
+    async with browser.post(
+        stack.url + "/oauth2/sign_out", data=fields, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303
+        q = URL(resp.headers["Location"]).query
+    hint = q["id_token_hint"]
+    assert hint.count(".") == 2
+    # The provider accepts it and still returns the browser to the gateway.
+    async with browser.get(resp.headers["Location"], allow_redirects=False) as back:
+        assert back.status == 302
+        assert URL(back.headers["Location"]).path == "/oauth2/signed_out"

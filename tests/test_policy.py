@@ -241,7 +241,9 @@ def test_email_domains() -> None:
 
 def test_two_at_signs_never_match() -> None:
     for email in ("evil@example.com@example.com", "a@evil.com@example.com", "a@@example.com"):
-        assert not check_requirements(req(email_domains=["example.com"]), ident(email=email), []).allowed
+        assert not check_requirements(
+            req(email_domains=["example.com"]), ident(email=email), []
+        ).allowed
         assert not check_requirements(req(emails=[email]), ident(email=email), []).allowed
         assert not email_in_domains(email, ["example.com"])
 
@@ -250,7 +252,9 @@ def test_email_verified_false_refused() -> None:
     r = req(email_domains=["example.com"])
     assert not check_requirements(r, ident(email="a@example.com", email_verified=False), []).allowed
     # Some providers (Amazon Cognito) send the claim as a string.
-    assert not check_requirements(r, ident(email="a@example.com", email_verified="false"), []).allowed
+    assert not check_requirements(
+        r, ident(email="a@example.com", email_verified="false"), []
+    ).allowed
     assert check_requirements(r, ident(email="a@example.com", email_verified=True), []).allowed
     assert check_requirements(r, ident(email="a@example.com", email_verified="true"), []).allowed
     # Absent means the provider does not say; the address is taken as given.
@@ -274,5 +278,7 @@ def test_lists_combine_with_and() -> None:
     good = ident(groups=["admins"], email="a@example.com")
     assert check_requirements(r, good, ["admin"]).allowed
     assert not check_requirements(r, good, []).allowed
-    assert not check_requirements(r, ident(groups=["admins"], email="a@other.com"), ["admin"]).allowed
+    assert not check_requirements(
+        r, ident(groups=["admins"], email="a@other.com"), ["admin"]
+    ).allowed
     assert not check_requirements(r, ident(groups=["x"], email="a@example.com"), ["admin"]).allowed

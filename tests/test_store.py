@@ -272,18 +272,20 @@ async def test_lock_expires_by_itself(env: StoreEnv) -> None:
             await env.elapse(SHORT / 3)
         assert taker.result() is True
         second_holder = asyncio.Event()
+        let_go = asyncio.Event()
 
         async def hold_again() -> None:
             async with env.store.lock("stuck", ttl=LONG, wait=LONG) as won:
                 assert won
                 second_holder.set()
-                await asyncio.sleep(0.2)
+                await let_go.wait()
 
         again = asyncio.create_task(hold_again())
         await second_holder.wait()
     # ``first`` released here; the lock held by hold_again must survive that release.
     async with env.store.lock("stuck", ttl=LONG, wait=0) as fourth:
         assert fourth is False
+    let_go.set()
     await again
 
 
@@ -300,7 +302,7 @@ async def test_claim_once_again_after_ttl(env: StoreEnv) -> None:
     assert await env.store.claim_once("jti:short", SHORT) is True
 
     async def claimed_again() -> bool:
-        return await env.store.claim_once("jti:short", SHORT)
+        return await env.store.claim_once("jti:short", LONG)
 
     await env.until(claimed_again)
     assert await env.store.claim_once("jti:short", LONG) is False

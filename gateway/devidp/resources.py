@@ -105,6 +105,7 @@ async def revoke(request: web.Request) -> web.Response:
 
 async def introspect(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    state.introspect_calls += 1
     try:
         form = await read_form(request)
         client = authenticate_client(state, request.headers, form)

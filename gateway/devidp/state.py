@@ -1,8 +1,8 @@
 """The provider's live state: users, clients, keys, sessions, codes and tokens, in memory.
 
 Everything a test may inspect or poke lives here (``faults``, ``token_calls``,
-``userinfo_calls``, ``jwks_calls``, ``revoked``, ``backchannel_sent``, ``rotate_keys``,
-``sign``, ``set_user_groups``...). Handlers reach
+``userinfo_calls``, ``jwks_calls``, ``introspect_calls``, ``revoked``, ``backchannel_sent``,
+``rotate_keys``, ``sign``, ``set_user_groups``...). Handlers reach
 it through ``app[STATE_KEY]``. The clock is injectable: tests move ``state.clock``
 instead of sleeping.
 """
@@ -47,6 +47,7 @@ class IdpState:
         self.token_calls: Counter[str] = Counter()
         self.userinfo_calls = 0  # tests prove an access token was (not) used
         self.jwks_calls = 0  # tests count relying parties' JWKS re-fetches
+        self.introspect_calls = 0  # tests prove introspection answers are cached
         self.revoked: list[str] = []
         self.backchannel_sent: list[dict[str, Any]] = []
         self.interactions: dict[str, Interaction] = {}

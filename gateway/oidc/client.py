@@ -185,13 +185,14 @@ class ProviderClient:
         return meta.authorization_endpoint + sep + urlencode(params, quote_via=quote)
 
     def end_session_url(
-        self, meta: ProviderMetadata, id_token: str | None, post_logout: str, state: str
+        self, meta: ProviderMetadata, id_token_hint: str | None, post_logout: str, state: str
     ) -> str | None:
-        """RP-Initiated Logout 1.0 §2, identified by ``client_id``; ``id_token`` is not sent.
+        """RP-Initiated Logout 1.0 §2, identified by ``client_id``.
 
         The URL travels through the browser, and no token may reach it (SECURITY.md 11,
-        OAuth 2.0 for Browser-Based Apps §6.1), so there is no ``id_token_hint``; §2 lets
-        ``client_id`` name the client that registered ``post_logout_redirect_uri``.
+        OAuth 2.0 for Browser-Based Apps §6.1), so callers pass ``id_token_hint`` only when
+        the operator opted in (``logout.id_token_hint``); §2 lets ``client_id`` name the
+        client that registered ``post_logout_redirect_uri``.
         """
         if not meta.end_session_endpoint:
             return None
@@ -200,6 +201,8 @@ class ProviderClient:
             "post_logout_redirect_uri": post_logout,
             "state": state,
         }
+        if id_token_hint:
+            params["id_token_hint"] = id_token_hint
         sep = "&" if urlsplit(meta.end_session_endpoint).query else "?"
         return meta.end_session_endpoint + sep + urlencode(params, quote_via=quote)
 

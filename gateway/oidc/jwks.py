@@ -32,6 +32,7 @@ class JwksCache:
         self._clock = clock
         self._keys: dict[str | None, list[jwt.PyJWK]] = {}
         self._fetched_at: float | None = None
+        self._miss_fetch_at: float | None = None  # when a kid miss last caused a fetch
         self._inflight: asyncio.Future[None] | None = None
 
     @property
@@ -61,12 +62,25 @@ class JwksCache:
             self._inflight = None
 
     async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
-        """The key for a token header; re-fetch once on a miss unless fetched very recently."""
+        """The key for a token header; on a miss, re-fetch once unless a miss just did.
+
+        Only miss-triggered fetches count against the rate limit: a key the provider rotates
+        in right after a scheduled fetch (start-up, say) is still looked up at once (OIDC
+        Core §10.1.1), while forged kids cause at most one fetch per interval. A miss while a
+        fetch is in flight waits for that fetch instead of failing early.
+        """
         key = self._find(kid, alg)
         if key is not None:
             return key
-        recent = self._fetched_at is not None and self._clock() - self._fetched_at < self._interval
-        if not recent:
+        now = self._clock()
+        due = (
+            not self.loaded
+            or self._miss_fetch_at is None
+            or now - self._miss_fetch_at >= self._interval
+        )
+        if due or self._inflight is not None:
+            if due:
+                self._miss_fetch_at = now
             await self.refresh()
             key = self._find(kid, alg)
             if key is not None:

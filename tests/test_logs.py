@@ -1,0 +1,468 @@
+"""Logs (issue 4 item 8, SECURITY.md 21): JSON access lines with a request id, and never a
+token, code, cookie value, state, verifier or secret in any log record of any logger.
+
+The leak scan runs one whole life of a session with every logger of the process at DEBUG
+(the gateway's, aiohttp's server/client/access/websocket loggers, redis, asyncio, the dev
+provider's): login with a failed and a replayed callback, proxied requests with secrets in
+the query, a websocket, a refresh, a failed refresh, sign-out through the provider (which
+sends a back-channel logout), a forged and a real back-channel logout. Every secret the test
+saw is collected from the HTTP traffic (query strings, Set-Cookie, forms, echoed headers),
+from the stored sessions in Redis and from the dev provider's state, then searched for in
+every captured record: literally and inside base64 runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from http.cookies import SimpleCookie
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pythonjsonlogger.json import JsonFormatter
+from yarl import URL
+
+from gateway import keys
+from gateway.devidp.keys import corrupt_signature
+from gateway.echo import RunningEcho, start_echo
+from gateway.logs import configure_logging
+from gateway.session import Ticket
+from tests.conftest import CLIENT_SECRET, RedisServer, Stack
+from tests.idp_client import http_login
+from tests.test_backchannel import logout_token
+from tests.test_login import callback_url, fetch, open_flow, query_of
+from tests.test_logout import confirmation_form
+from tests.test_refresh import sleep_until
+
+API = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
+# Query parameters that carry nothing secret (URLs, names, the client id) and do appear in
+# logs legitimately, e.g. the provider's URL in a warning.
+PUBLIC_PARAMS = frozenset(
+    {"iss", "redirect_uri", "post_logout_redirect_uri", "client_id", "scope", "response_type",
+     "code_challenge_method", "rd", "next", "prompt", "response_mode"}
+)  # fmt: skip
+ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "route")
+
+
+class Capture(logging.Handler):
+    """Keeps every record, formatted as the JSON log would print it and as plain text with
+    the traceback, plus every attribute the record carries (``extra`` included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.json = JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+        self.plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.records: list[logging.LogRecord] = []
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.texts.append(self.json.format(record))
+        self.texts.append(self.plain.format(record))
+        self.texts.append(repr(vars(record)))
+        if record.args:
+            self.texts.append(repr(record.args))
+
+
+@pytest.fixture
+def capture(caplog: pytest.LogCaptureFixture) -> Iterator[Capture]:
+    """Every logger of the process at DEBUG into one handler (restored afterwards)."""
+    caplog.set_level(logging.DEBUG)
+    handler = Capture()
+    root = logging.getLogger()
+    names = [
+        "gateway", "aiohttp", "aiohttp.access", "aiohttp.client", "aiohttp.internal",
+        "aiohttp.server", "aiohttp.web", "aiohttp.websocket", "asyncio", "redis", "urllib3",
+    ]  # fmt: skip
+    touched = {n: logging.getLogger(n) for n in names}
+    touched.update(
+        {
+            n: lg
+            for n, lg in logging.root.manager.loggerDict.items()
+            if isinstance(lg, logging.Logger)
+        }
+    )
+    saved = {n: (lg.level, lg.disabled, lg.propagate) for n, lg in touched.items()}
+    root_level = root.level
+    for lg in touched.values():
+        lg.setLevel(logging.DEBUG)
+        lg.disabled = False
+        lg.propagate = True
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(root_level)
+        for n, lg in touched.items():
+            lg.level, lg.disabled, lg.propagate = saved[n]
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[RunningEcho]:
+    running = await start_echo()
+    yield running
+    await running.close()
+
+
+class Seen:
+    """Every secret value the test met on the wire (filled by an aiohttp trace)."""
+
+    def __init__(self) -> None:
+        self.values: set[str] = set()
+
+    def add(self, *values: str | None) -> None:
+        for v in values:
+            if v and len(v) >= 8:
+                self.values.add(v)
+
+    def url(self, url: str | URL) -> None:
+        for name, value in parse_qsl(urlsplit(str(url)).query, keep_blank_values=True):
+            if name not in PUBLIC_PARAMS:
+                self.add(value)
+
+    def trace(self) -> aiohttp.TraceConfig:
+        trace = aiohttp.TraceConfig()
+
+        async def on_start(
+            s: Any, ctx: SimpleNamespace, p: aiohttp.TraceRequestStartParams
+        ) -> None:
+            self.url(p.url)
+            for value in p.headers.getall("Cookie", []):
+                for pair in value.split(";"):
+                    self.add(pair.partition("=")[2].strip())
+            auth = p.headers.get("Authorization", "")
+            self.add(auth.partition(" ")[2])
+
+        async def on_end(s: Any, ctx: SimpleNamespace, p: aiohttp.TraceRequestEndParams) -> None:
+            self.url(p.url)
+            location = p.response.headers.get("Location")
+            if location:
+                self.url(location)
+            for raw in p.response.headers.getall("Set-Cookie", []):
+                jar: SimpleCookie = SimpleCookie()
+                jar.load(raw)
+                for morsel in jar.values():
+                    self.add(morsel.value, morsel.value.partition(".")[2])
+
+        trace.on_request_start.append(on_start)
+        trace.on_request_end.append(on_end)
+        return trace
+
+    def browser(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
+            trace_configs=[self.trace()],
+        )
+
+
+async def api(http: aiohttp.ClientSession, url: str, seen: Seen, **headers: str) -> dict[str, Any]:
+    """A proxied API call; the echo's view, with the credentials it received collected."""
+    async with http.get(url, headers={**API, **headers}, allow_redirects=False) as resp:
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = json.loads(await resp.text())
+    for name, value in body["headers"]:
+        if name.lower() in ("authorization", "x-gateway-assertion"):
+            seen.add(value.removeprefix("Bearer "))
+        elif name.lower() == "cookie":
+            for pair in value.split(";"):
+                seen.add(pair.partition("=")[2].strip())
+    return body
+
+
+_B64_RUN = re.compile(r"[A-Za-z0-9_\-+/]{12,}")
+
+
+def corpus_of(texts: list[str]) -> list[bytes]:
+    """The texts, plus every base64/base64url run in them decoded (at each alignment)."""
+    out = [t.encode("utf-8", "replace") for t in texts]
+    for text in texts:
+        for run in _B64_RUN.findall(text):
+            for start in range(4):
+                chunk = run[start:]
+                chunk = chunk[: len(chunk) - len(chunk) % 4]
+                for alt in (b"-_", b"+/"):
+                    try:
+                        out.append(base64.b64decode(chunk.encode(), altchars=alt))
+                    except (binascii.Error, ValueError):
+                        continue
+    return out
+
+
+async def session_secrets(stack: Stack, cookie: str) -> list[str]:
+    ticket = Ticket.from_cookie(cookie, stack.app[keys.RING])
+    raw = await stack.app[keys.STORE].load(ticket.store_key)
+    if raw is None:
+        return []
+    t = ticket.open_record(raw).tokens
+    return [x for x in (t.access_token, t.refresh_token, t.id_token) if x]
+
+
+async def token_expiry(stack: Stack, cookie: str) -> float:
+    """When the gateway thinks the session's access token expires."""
+    ticket = Ticket.from_cookie(cookie, stack.app[keys.RING])
+    raw = await stack.app[keys.STORE].load(ticket.store_key)
+    assert raw is not None
+    expires = ticket.open_record(raw).tokens.expires_at
+    assert expires is not None
+    return expires
+
+
+async def test_a_whole_session_logs_no_secret(
+    make_stack: Any, echo: RunningEcho, redis_server: RedisServer, capture: Capture
+) -> None:
+    key_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    url = str(echo.url)
+    stack: Stack = await make_stack(
+        echo=echo,
+        idp_config={"access_token_ttl": 2},
+        session={"refresh_skew": 1},
+        routes=[
+            {"prefix": "/", "upstream": url, "assertion": True},
+            {"prefix": "/public", "upstream": url, "auth": "none"},
+            {"prefix": "/api", "upstream": url, "on_unauthenticated": "deny"},
+        ],
+        assertion={"signing_keys": [key_pem]},
+    )
+    state = stack.idp.state
+    seen = Seen()
+    found: list[str] = [CLIENT_SECRET, key_pem.splitlines()[1]]
+    found += [s.get_secret_value() for s in stack.settings.session.cookie_secrets]
+
+    async with seen.browser() as browser, seen.browser() as other:
+        # A failed login: a code from this flow, altered (the provider refuses the exchange).
+        bad = URL(await callback_url(browser, stack))
+        assert (
+            await fetch(browser, str(bad.update_query(code="x" + bad.query["code"])))
+        ).status == 400
+
+        # The login, step by step, so the PKCE verifier and nonce can be collected too.
+        cb = await callback_url(browser, stack, rd="/landing?next=1")
+        flow = open_flow(browser, stack, query_of(cb)["state"])
+        seen.add(flow.verifier, flow.nonce, flow.state)
+        answer = await fetch(browser, cb)
+        assert answer.status == 302, answer.body
+        assert (await fetch(browser, cb)).status == 400  # replayed: refused
+        cookie = browser.cookie_jar.filter_cookies(URL(stack.url))["gw_test"].value
+        found += await session_secrets(stack, cookie)
+
+        # Proxied requests, with credentials in the query and a spoofed identity.
+        await api(browser, stack.url + "/x?code=query-code-1234&state=query-state-5678", seen)
+        await api(browser, stack.url + "/public/p?access_token=query-token-abcd", seen)
+        await api(
+            browser,
+            stack.url + "/x",
+            seen,
+            **{"X-Forwarded-User": "mallory", "Authorization": "Bearer client-sent-token-1"},
+        )
+        async with browser.ws_connect(stack.url + "/_echo/ws?ticket=ws-query-secret-99") as ws:
+            hello = await ws.receive_json(timeout=5)
+            for name, value in hello["headers"]:
+                if name.lower() in ("authorization", "x-gateway-assertion"):
+                    seen.add(value.removeprefix("Bearer "))
+            await ws.send_str("hi")
+            assert await ws.receive_str(timeout=5) == "hi"
+        async with browser.get(stack.url + "/oauth2/userinfo", headers=API) as resp:
+            assert resp.status == 200
+
+        # A refresh, then a refresh the provider fails (logged as a warning).
+        await sleep_until(await token_expiry(stack, cookie) - 0.5)
+        await api(browser, stack.url + "/after-refresh", seen)
+        assert state.token_calls["refresh_token"] == 1
+        found += await session_secrets(stack, cookie)
+        state.faults.token_status = 500
+        await sleep_until(await token_expiry(stack, cookie) - 0.5)
+        async with browser.get(stack.url + "/x", headers=API) as resp:
+            assert resp.status == 200  # the provider failed; the token still had 0.5 s
+        state.faults.token_status = None
+        assert state.token_calls["refresh_token"] == 2
+        assert any(r.getMessage().startswith("refresh failed") for r in capture.records)
+        found += await session_secrets(stack, cookie)
+
+        # Sign-out through the provider, which calls the back channel on the way.
+        fields = await confirmation_form(browser, stack)
+        seen.add(fields["csrf"])
+        signout = await fetch(browser, stack.url + "/oauth2/sign_out", method="POST", data=fields)
+        assert signout.status == 303 and signout.location is not None
+        async with browser.get(signout.location) as resp:
+            assert resp.status == 200
+        assert state.backchannel_sent
+        # The provider's logout tokens are RS256, deterministic: re-signed, they are the
+        # very tokens it delivered.
+        found += [state.sign(c, {"typ": "logout+jwt"}) for c in state.backchannel_sent]
+
+        # Another user, ended by a forged and then a real back-channel logout.
+        result = await http_login(other, stack.url + "/", "bob", "bob")
+        assert result.status == 200
+        other_cookie = other.cookie_jar.filter_cookies(URL(stack.url))["gw_test"].value
+        found += await session_secrets(stack, other_cookie)
+        await api(other, stack.url + "/api/y", seen)
+        real = logout_token(stack, sub="bob")
+        forged = corrupt_signature(logout_token(stack, sub="bob"))
+        found += [real, forged]
+        for token, want in ((forged, 400), (real, 200), (real, 400)):
+            async with other.post(
+                stack.url + "/oauth2/backchannel_logout", data={"logout_token": token}
+            ) as resp:
+                assert resp.status == want
+
+    # Everything the provider issued or keeps, and what the store holds.
+    found += list(state.access_tokens) + list(state.refresh_tokens) + list(state.codes)
+    found += [s.cookie for s in state.sessions.values()]
+    prefix = stack.settings.session.key_prefix.encode()
+    found += [
+        v.decode("latin-1") for k, v in redis_server.dump() if k.startswith(prefix) and len(v) > 16
+    ]
+    seen.add(*found)
+    secrets = sorted(seen.values)
+    assert len(secrets) > 40  # the collection itself worked
+
+    # The capture saw the traffic: one JSON access line per request, with every field.
+    access = [r for r in capture.records if r.name == "gateway.access"]
+    assert len(access) > 20
+    for record in access:
+        for name in ACCESS_FIELDS:
+            assert hasattr(record, name), name
+        assert "?" not in record.getMessage() and "?" not in vars(record)["path"]
+
+    corpus = corpus_of(capture.texts)
+    leaks = [s for s in secrets if any(s.encode() in blob for blob in corpus)]
+    leaked = len(leaks)  # the values themselves are not printed, even on failure
+    assert leaked == 0, f"secrets in the logs, starting {[s[:6] for s in leaks]}"
+
+
+# -- the access log and the request id --------------------------------------------------------
+
+
+def access_records(capture: Capture) -> list[logging.LogRecord]:
+    return [r for r in capture.records if r.name == "gateway.access"]
+
+
+async def test_access_log_line_fields_and_never_the_query(
+    stack: Stack, browser: aiohttp.ClientSession, capture: Capture
+) -> None:
+    await http_login(browser, stack.url + "/", "alice", "alice")
+    async with browser.get(
+        stack.url + "/public/some/page?code=abc123secret&x=1", headers={"X-Request-Id": "rid-1"}
+    ) as resp:
+        assert resp.status == 200
+    (line,) = [r for r in access_records(capture) if getattr(r, "request_id", "") == "rid-1"]
+    fields = {name: getattr(line, name) for name in ACCESS_FIELDS}
+    assert fields["method"] == "GET"
+    assert fields["path"] == "/public/some/page"
+    assert fields["status"] == 200
+    assert fields["route"] == "/public"
+    assert isinstance(fields["duration_ms"], float) and fields["duration_ms"] >= 0
+    text = capture.json.format(line)
+    parsed = json.loads(text)
+    assert parsed["request_id"] == "rid-1" and "time" in parsed
+    assert parsed["logger"] == "gateway.access" and parsed["level"] == "INFO"
+    assert "abc123secret" not in text and "code=" not in text
+    # The gateway's own endpoints are route "gateway"; a redirect's status is logged as such.
+    async with browser.get(stack.url + "/healthz", headers={"X-Request-Id": "rid-2"}) as resp:
+        assert resp.status == 200
+    async with (
+        aiohttp.ClientSession() as anon,
+        anon.get(
+            stack.url + "/deep",
+            headers={"Accept": "text/html", "X-Request-Id": "rid-3"},
+            allow_redirects=False,
+        ) as resp,
+    ):
+        assert resp.status == 302
+    by_id = {getattr(r, "request_id", None): r for r in access_records(capture)}
+    assert vars(by_id["rid-2"])["route"] == "gateway"
+    assert (vars(by_id["rid-3"])["route"], vars(by_id["rid-3"])["status"]) == ("/", 302)
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("trace-abc.123_X", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("has space", False),
+        ("semi;colon", False),
+        ("", False),
+    ],
+)
+async def test_request_id_passed_through_or_generated_and_sent_upstream(
+    stack: Stack, browser: aiohttp.ClientSession, capture: Capture, sent: str, kept: bool
+) -> None:
+    await http_login(browser, stack.url + "/", "alice", "alice")
+    headers = {**API, "X-Request-Id": sent, "X_Request_Id": "smuggled-id"}
+    async with browser.get(stack.url + "/x", headers=headers) as resp:
+        assert resp.status == 200
+        answered = resp.headers["X-Request-Id"]
+        body = json.loads(await resp.text())
+    upstream = [v for k, v in body["headers"] if k.lower().replace("_", "-") == "x-request-id"]
+    if kept:
+        assert answered == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", answered), answered
+    assert upstream == [answered]  # exactly one, the gateway's: the smuggled spelling is gone
+    logged = [r for r in access_records(capture) if getattr(r, "path", "") == "/x"]
+    assert vars(logged[-1])["request_id"] == answered
+
+
+async def test_every_answer_carries_the_request_id(stack: Stack, capture: Capture) -> None:
+    async with aiohttp.ClientSession() as anon:
+        for path, want in (("/api/x", 401), ("/oauth2/userinfo", 401), ("/healthz", 200)):
+            async with anon.get(stack.url + path, headers={"X-Request-Id": f"id{want}"}) as resp:
+                assert resp.status == want
+                assert resp.headers["X-Request-Id"] == f"id{want}"
+        async with anon.get(stack.url + "/public/_echo/sse?n=1&interval=0") as resp:
+            # A streamed (already prepared) answer is stamped too.
+            assert re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-Id"])
+            await resp.read()
+
+
+def test_configure_logging_writes_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").level)
+    try:
+        configure_logging("json", "info")
+        logging.getLogger("gateway.access").info(
+            "GET /x 200",
+            extra={"request_id": "r1", "method": "GET", "path": "/x", "status": 200,
+                   "duration_ms": 1.5, "route": "/"},
+        )  # fmt: skip
+        logging.getLogger("gateway.test").debug("below the level")
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        root.handlers[:], level, access = saved
+        root.setLevel(level)
+        logging.getLogger("aiohttp.access").setLevel(access)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["logger"] == "gateway.access" and record["level"] == "INFO"
+    assert record["message"] == "GET /x 200"
+    assert {k: record[k] for k in ACCESS_FIELDS} == {
+        "request_id": "r1", "method": "GET", "path": "/x", "status": 200,
+        "duration_ms": 1.5, "route": "/",
+    }  # fmt: skip
+    assert "time" in record

@@ -1,0 +1,214 @@
+"""Exactly-once refresh across gateway processes (SECURITY.md 19), and per-user revocation.
+
+Two real ``gateway run --config FILE`` processes share one Redis (same ``key_prefix`` and
+``cookie_secrets``, same ``public_url`` so one cookie is good on both). The dev provider
+rotates refresh tokens: a second refresh call with the same refresh token would revoke the
+whole grant, so "exactly one refresh call" and "every request answered" prove the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from gateway.crypto import new_secret
+from gateway.devidp import ClientRegistration, DevIdpConfig, RunningIdp, demo_users, start_devidp
+from gateway.echo import start_echo
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, free_port, gateway_config
+from tests.gateway_proc import GatewayProcess, gateway_command, start_gateway_process
+from tests.idp_client import http_login
+from tests.test_refresh import bearer, call, latest_access_token, sleep_until
+
+
+@dataclass
+class Cluster:
+    public_url: str
+    replicas: list[GatewayProcess]
+    idp: RunningIdp
+    config: Path  # the first replica's config, for ``gateway sessions``
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Cluster]:
+    ports = [free_port(), free_port()]
+    public = f"http://127.0.0.1:{ports[0]}"
+    idp = await start_devidp(
+        DevIdpConfig(
+            users=demo_users(),
+            clients=[
+                ClientRegistration(
+                    client_id=CLIENT_ID,
+                    client_secret=CLIENT_SECRET,
+                    redirect_uris=(public + "/oauth2/callback",),
+                    post_logout_redirect_uris=(public + "/oauth2/signed_out",),
+                    backchannel_logout_uri=public + "/oauth2/backchannel_logout",
+                )
+            ],
+            access_token_ttl=2,
+            rotate_refresh_tokens=True,
+        )
+    )
+    echo = await start_echo()
+    prefix = f"race{uuid.uuid4().hex[:8]}:"
+    secrets = [new_secret()]
+    replicas: list[GatewayProcess] = []
+    try:
+        for i, port in enumerate(ports):
+            cfg = gateway_config(public, str(idp.url), str(echo.url), redis_server.url)
+            cfg["server"] = {"host": "127.0.0.1", "port": port, "public_url": public}
+            cfg["session"].update(key_prefix=prefix, cookie_secrets=secrets, refresh_skew=1)
+            replicas.append(await start_gateway_process(cfg, tmp_path, name=f"gateway-{i}"))
+        yield Cluster(public, replicas, idp, replicas[0].config_path)
+    finally:
+        for replica in replicas:
+            await replica.close()
+        await echo.close()
+        await idp.close()
+
+
+async def login_everywhere(http: aiohttp.ClientSession, cluster: Cluster) -> float:
+    """Sign in through the first replica; the cookie is good on every replica."""
+    result = await http_login(http, cluster.public_url + "/", "alice", "alice")
+    assert result.status == 200, result.body
+    return time.time()
+
+
+async def burst(
+    http: aiohttp.ClientSession, cluster: Cluster, n: int = 50
+) -> list[tuple[int, dict[str, Any]]]:
+    """``n`` concurrent API calls with the one cookie, split evenly across the replicas."""
+    urls = [cluster.replicas[i % 2].url + f"/burst/{i}" for i in range(n)]
+    return list(await asyncio.gather(*(call(http, url) for url in urls)))
+
+
+async def test_fifty_concurrent_requests_on_two_processes_refresh_exactly_once(
+    cluster: Cluster, browser: aiohttp.ClientSession
+) -> None:
+    state = cluster.idp.state
+    done = await login_everywhere(browser, cluster)
+    first = latest_access_token(cluster.idp)
+    for replica in cluster.replicas:
+        status, body = await call(browser, replica.url + "/warm")
+        assert status == 200 and bearer(body) == first
+
+    # A slow provider makes the race real: every request arrives while the refresh runs.
+    state.faults.token_delay = 0.5
+    state.cfg.access_token_ttl = 4  # the refreshed token's window opens 3 s later
+    await sleep_until(done + 1.2)
+    answers = await burst(browser, cluster)
+    refreshed = time.time()
+    assert [status for status, _ in answers] == [200] * 50
+    second = latest_access_token(cluster.idp)
+    assert {bearer(body) for _, body in answers} == {second}
+    assert second != first
+    assert state.token_calls["refresh_token"] == 1
+
+    # The next window works too: the rotated refresh token was stored and is used once.
+    state.cfg.access_token_ttl = 300
+    await sleep_until(refreshed + 3.2)
+    answers = await burst(browser, cluster)
+    assert [status for status, _ in answers] == [200] * 50
+    third = latest_access_token(cluster.idp)
+    assert {bearer(body) for _, body in answers} == {third}
+    assert third not in (first, second)
+    assert state.token_calls["refresh_token"] == 2
+    assert not any(grant.revoked for grant in state.grants.values())
+    assert [r.rotated for r in state.refresh_tokens.values()] == [True, True, False]
+
+
+async def test_a_client_leaving_mid_refresh_does_not_lose_the_rotated_token(
+    cluster: Cluster, browser: aiohttp.ClientSession
+) -> None:
+    """``gateway run`` cancels the handler of a client that disconnects; the refresh it
+    started must finish and be stored, or the next refresh would reuse a rotated token."""
+    state = cluster.idp.state
+    done = await login_everywhere(browser, cluster)
+    state.faults.token_delay = 1.0
+    state.cfg.access_token_ttl = 300
+    await sleep_until(done + 1.2)
+    replica = cluster.replicas[1]
+    with pytest.raises(TimeoutError):
+        await call(browser, replica.url + "/gone", timeout=aiohttp.ClientTimeout(total=0.3))
+    await asyncio.sleep(1.2)  # the provider answers the refresh meanwhile
+    state.faults.token_delay = 0.0
+    answers = await burst(browser, cluster, 10)
+    assert [status for status, _ in answers] == [200] * 10
+    assert {bearer(body) for _, body in answers} == {latest_access_token(cluster.idp)}
+    assert state.token_calls["refresh_token"] == 1
+    assert not any(grant.revoked for grant in state.grants.values())
+
+
+async def gateway_cli(*args: str) -> tuple[int, str]:
+    """Run the ``gateway`` command; no GATEWAY_* variable of ours may override its config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = await asyncio.create_subprocess_exec(
+        *gateway_command(), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_sessions_revoke_user_ends_them_on_every_process(
+    cluster: Cluster, browser: aiohttp.ClientSession
+) -> None:
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), headers={"Accept": "text/html"}
+    ) as bob:
+        await login_everywhere(browser, cluster)
+        await login_everywhere(browser, cluster)  # a second session of alice (the first ends)
+        result = await http_login(bob, cluster.public_url + "/", "bob", "bob")
+        assert result.status == 200
+        for replica in cluster.replicas:
+            assert (await call(browser, replica.url + "/x"))[0] == 200
+
+        code, out = await gateway_cli(
+            "sessions", "list", "--user", "alice", "--config", str(cluster.config)
+        )
+        assert code == 0, out
+        assert "sub=alice" in out and out.strip().endswith("1 session(s)")
+        code, out = await gateway_cli("sessions", "list", "--config", str(cluster.config))
+        assert code == 0 and out.strip().endswith("2 session(s)"), out
+
+        code, out = await gateway_cli(
+            "sessions", "revoke", "--user", "alice", "--config", str(cluster.config)
+        )
+        assert code == 0, out
+        assert "revoked 1 session(s) of user alice" in out
+        for replica in cluster.replicas:
+            status, body = await call(browser, replica.url + "/api/x")
+            assert status == 401, body
+            async with browser.get(replica.url + "/x", allow_redirects=False) as resp:
+                assert resp.status == 302
+            assert (await call(bob, replica.url + "/x"))[0] == 200
+
+        code, out = await gateway_cli(
+            "sessions", "revoke", "--all", "--config", str(cluster.config)
+        )
+        assert code == 0 and "revoked 1 session(s) of all users" in out, out
+        for replica in cluster.replicas:
+            assert (await call(bob, replica.url + "/api/x"))[0] == 401
+        code, out = await gateway_cli("sessions", "revoke", "--config", str(cluster.config))
+        assert code == 2
+
+
+async def test_sessions_command_without_redis_says_so(tmp_path: Path) -> None:
+    cfg = gateway_config("http://127.0.0.1:4180", "http://127.0.0.1:1", "http://127.0.0.1:1", None)
+    cfg["session"]["store"] = "redis"
+    cfg["session"]["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out = await gateway_cli("sessions", "list", "--config", str(path))
+    assert code == 1
+    assert "the session store did not answer" in out
+    assert "Traceback" not in out

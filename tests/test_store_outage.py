@@ -1,0 +1,88 @@
+"""The session store down on the hot path (SECURITY.md 23): 503, never a logout and never a
+login loop; service resumes by itself, with the same sessions, when Redis is back.
+
+The Redis of these tests writes an append-only file to a temporary directory, so stopping
+the process and starting it again is a real outage that loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import RedisServer, Stack
+from tests.test_refresh import bearer, call, login, session_keys
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(data_dir=str(tmp_path))
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGCONT)  # in case a test left it paused
+    server.stop()
+
+
+async def assert_unavailable(stack: Stack, browser: aiohttp.ClientSession) -> None:
+    # A navigation: a small retry page, not a redirect to the provider, no cookie cleared.
+    async with browser.get(stack.url + "/some/page", allow_redirects=False) as resp:
+        assert resp.status == 503
+        assert "Location" not in resp.headers
+        assert int(resp.headers["Retry-After"]) > 0
+        assert resp.content_type == "text/html"
+        assert "gw_test" not in resp.cookies
+        assert "try" in (await resp.text()).lower()
+    # An API call: 503 JSON.
+    status, body = await call(browser, stack.url + "/api/items")
+    assert status == 503
+    assert body["error"] == "session_store_unavailable"
+    assert int(body["_headers"]["Retry-After"]) > 0
+    async with browser.get(stack.url + "/readyz") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["checks"]["store"] == "unavailable"
+
+
+async def test_redis_stopped_mid_session_is_a_503_and_the_session_survives(
+    make_stack: Any, browser: aiohttp.ClientSession, durable_redis: RedisServer
+) -> None:
+    stack = await make_stack(redis_url=durable_redis.url)
+    await login(browser, stack)
+    status, before = await call(browser, stack.url + "/x")
+    assert status == 200
+
+    durable_redis.stop()
+    await assert_unavailable(stack, browser)
+    async with browser.get(stack.url + "/oauth2/userinfo") as resp:
+        assert resp.status == 503
+
+    durable_redis.start()
+    status, after = await call(browser, stack.url + "/x")
+    assert status == 200
+    assert bearer(after) == bearer(before)  # the very same session, no new login
+    assert stack.idp.state.token_calls["authorization_code"] == 1
+    assert len(session_keys(durable_redis, stack)) == 1
+    async with browser.get(stack.url + "/readyz") as resp:
+        assert resp.status == 200
+
+
+async def test_a_hung_redis_is_a_503_not_a_hang(
+    make_stack: Any, browser: aiohttp.ClientSession, durable_redis: RedisServer
+) -> None:
+    stack = await make_stack(redis_url=durable_redis.url)
+    await login(browser, stack)
+    assert durable_redis.proc is not None
+    os.kill(durable_redis.proc.pid, signal.SIGSTOP)  # accepts connections, answers nothing
+    try:
+        status, body = await call(browser, stack.url + "/api/items")
+        assert status == 503
+        assert body["error"] == "session_store_unavailable"
+    finally:
+        os.kill(durable_redis.proc.pid, signal.SIGCONT)
+    assert (await call(browser, stack.url + "/x"))[0] == 200
