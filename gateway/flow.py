@@ -1,8 +1,10 @@
 """Login-flow state: state, nonce, PKCE verifier and return path, in a short-lived cookie.
 
-Each flow has its own cookie, named after a hash of its state and sealed with the state as
-associated data, so unauthenticated traffic writes nothing server-side, several tabs can log
-in at once, and a cookie only opens for the callback that carries its own state.
+Each flow has its own cookie in one of ``session.max_login_flows`` slots (the slot is a
+function of the state, see ``login.begin_login``), sealed with the state as associated data,
+so unauthenticated traffic writes nothing server-side, several tabs can log in at once, a
+burst of parallel logins never grows the Cookie header, and a cookie only opens for the
+callback that carries its own state.
 """
 
 from __future__ import annotations
