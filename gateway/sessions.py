@@ -98,7 +98,6 @@ class SessionManager:
         self._failed: dict[str, float] = {}  # store key -> no new refresh attempt before
         # Slide the idle timeout at most once a minute, and often enough for short timeouts.
         self._touch_interval = min(TOUCH_INTERVAL, settings.idle_timeout / 10)
-        self.refresh_count = 0
         # Told the outcome of every refresh call: "success", "failure" (session kept) or
         # "ended" (grant refused); app.py points it at the metrics.
         self.on_refresh: Callable[[str], None] = lambda result: None
@@ -259,7 +258,6 @@ class SessionManager:
         refresh_token = session.tokens.refresh_token
         if not refresh_token:
             raise SessionEnded()
-        self.refresh_count += 1
         try:
             resp = await self.provider.refresh(refresh_token)
         except OAuthError as exc:
@@ -294,9 +292,7 @@ class SessionManager:
                 # updated from an ID token we could not verify.
                 log.warning("refreshed ID token not verified (%s); identity kept", exc)
                 tokens = replace(tokens, id_token=session.tokens.id_token)
-        userinfo = None
-        if self.provider.settings.userinfo_endpoint or (self.provider.loaded):
-            userinfo = await self.provider.userinfo(resp.access_token)
+        userinfo = await self.provider.userinfo(resp.access_token)  # None without an endpoint
         identity = session.identity
         if id_claims or userinfo:
             base = {"sub": session.identity.sub, **session.identity.claims, **id_claims}
