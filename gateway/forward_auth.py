@@ -28,7 +28,6 @@ Answers (``Cache-Control: no-store`` on every one):
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -41,10 +40,9 @@ from gateway.config import Settings
 from gateway.errors import BadRequest, Forbidden, Unauthenticated
 from gateway.gate import ASSERTION_HEADER, Gate, identity_headers
 from gateway.login import start_url
-from gateway.pages import NO_STORE, redirect, wants_html
-from gateway.policy import PathRejected, Route, check_requirements, normalize_path
+from gateway.pages import NO_STORE, redirect
+from gateway.policy import PathRejected, Route, normalize_path
 from gateway.session import Identity
-from gateway.sessions import SessionEnded
 
 PREFIX = "/oauth2/auth"
 ORIGINAL_URI_HEADERS = ("X-Forwarded-Uri", "X-Original-URI")
@@ -77,18 +75,10 @@ class ForwardAuth:
     """The ``/oauth2/auth`` handler; holds what is computed once from the settings."""
 
     def __init__(self, settings: Settings, gate: Gate) -> None:
-        self.trusted = tuple(settings.server.trusted_proxies)
         self.public_url = settings.server.public_url
-        self.gate = gate  # signs X-Gateway-Assertion exactly as for proxied requests
-
-    def is_trusted(self, request: web.Request) -> bool:
-        if not self.trusted or not request.remote:
-            return False
-        try:
-            ip = ipaddress.ip_address(request.remote)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.trusted)
+        # The gate's own decisions (trusted peers, session and policy, login or 401, the
+        # assertion), so forward-auth answers exactly as a proxied request would be treated.
+        self.gate = gate
 
     def original(self, request: web.Request, trusted: bool) -> Original:
         """The original URI and method; believed only from a trusted proxy."""
@@ -120,7 +110,7 @@ class ForwardAuth:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         app = request.app
-        trusted = self.is_trusted(request)
+        trusted = self.gate.is_trusted(request.remote)
         original = self.original(request, trusted)
         route = app[keys.ROUTES].match(original.path)
         if route is None:
@@ -128,24 +118,14 @@ class ForwardAuth:
             raise Forbidden("No route serves this path.")
         if route.public:
             return web.Response(status=200, headers=NO_STORE)
-        sessions = app[keys.SESSIONS]
-        loaded = await sessions.open(request.cookies.get(app[keys.COOKIES].name))
-        if loaded is None:
-            if route.settings.accept_bearer:
+        session = await self.gate.authorized_session(request, route)
+        if session is None:
+            if route.settings.accept_bearer and not request.get(keys.CLEAR_SESSION):
                 token = bearer_token(request.headers)
                 if token is not None:
                     principal = await admit(app[keys.BEARER], route, token)
                     return self._allow(request, route, principal.identity, token, None, trusted)
             return self._unauthenticated(request, route, original)
-        try:
-            session = await sessions.fresh(loaded)
-        except SessionEnded:
-            request[keys.CLEAR_SESSION] = True
-            return self._unauthenticated(request, route, original)
-        if not check_requirements(route.settings, session.identity, session.tokens.scope).allowed:
-            raise Forbidden()
-        if session is loaded.session:
-            await sessions.touch(loaded)
         token = session.tokens.access_token if route.settings.pass_access_token else None
         return self._allow(request, route, session.identity, token, session.session_id, trusted)
 
@@ -173,11 +153,7 @@ class ForwardAuth:
         self, request: web.Request, route: Route, original: Original
     ) -> web.StreamResponse:
         """401, naming the sign-in URL when the gate would send this request to login."""
-        mode = route.settings.on_unauthenticated
-        readable = original.method in ("GET", "HEAD")
-        login = (mode == "login" and readable) or (
-            mode == "auto" and readable and wants_html(request)
-        )
+        login = self.gate.wants_login(request, route, original.method)
         headers = {"WWW-Authenticate": 'Bearer realm="gateway"', "Cache-Control": "no-store"}
         if login:
             target = self.public_url + start_url(original.uri)

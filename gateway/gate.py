@@ -78,7 +78,8 @@ class Gate:
         self.upstreams = [URL(r.upstream) for r in settings.routes]
         self.audiences = [audience_for(r.upstream) for r in settings.routes]
 
-    def _trusted(self, peer: str | None) -> bool:
+    def is_trusted(self, peer: str | None) -> bool:
+        """Whether the peer address is one of ``server.trusted_proxies``."""
         if not peer or not self.trusted:
             return False
         try:
@@ -90,7 +91,7 @@ class Gate:
     def forwarded(self, request: web.Request) -> tuple[str, str, str]:
         """X-Forwarded-For/-Proto/-Host: believed only from trusted proxies (SECURITY.md 16)."""
         peer = request.remote or ""
-        if self._trusted(peer):
+        if self.is_trusted(peer):
             prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
             xff = f"{prior}, {peer}" if prior else peer
             proto = (
@@ -116,25 +117,14 @@ class Gate:
         request[keys.ROUTE_LABEL] = route.settings.prefix
         if route.public:
             return await self._forward(request, route, path, {}, self.strip, None)
-        cookies = app[keys.COOKIES]
-        sessions = app[keys.SESSIONS]
-        loaded = await sessions.open(request.cookies.get(cookies.name))
-        if loaded is None:
-            if route.settings.accept_bearer:
+        session = await self.authorized_session(request, route)
+        if session is None:
+            # A bearer client is one that came without a session, not one whose ended.
+            if route.settings.accept_bearer and not request.get(keys.CLEAR_SESSION):
                 token = bearer_token(request.headers)
                 if token is not None:
                     return await self._bearer(request, route, path, token)
             raise self.unauthenticated(request, route, path)
-        try:
-            session = await sessions.fresh(loaded)
-        except SessionEnded:
-            request[keys.CLEAR_SESSION] = True
-            raise self.unauthenticated(request, route, path) from None
-        decision = check_requirements(route.settings, session.identity, session.tokens.scope)
-        if not decision.allowed:
-            raise Forbidden()
-        if session is loaded.session:
-            await sessions.touch(loaded)
         inject = self.inject_for(route, session)
         if route.settings.assertion:
             inject[ASSERTION_HEADER] = self.assertion(
@@ -142,6 +132,29 @@ class Gate:
             )
         strip = self.strip_with_auth if route.settings.pass_access_token else self.strip
         return await self._forward(request, route, path, inject, strip, self._own_cookies(request))
+
+    async def authorized_session(self, request: web.Request, route: Route) -> Session | None:
+        """The request's session, refreshed and allowed by the route's ``require``.
+
+        None when there is no session, or when it just ended (then the answer clears the
+        cookie, see ``keys.CLEAR_SESSION``); Forbidden when the route's policy refuses it.
+        """
+        app = request.app
+        sessions = app[keys.SESSIONS]
+        loaded = await sessions.open(request.cookies.get(app[keys.COOKIES].name))
+        if loaded is None:
+            return None
+        try:
+            session = await sessions.fresh(loaded)
+        except SessionEnded:
+            request[keys.CLEAR_SESSION] = True
+            return None
+        decision = check_requirements(route.settings, session.identity, session.tokens.scope)
+        if not decision.allowed:
+            raise Forbidden()
+        if session is loaded.session:
+            await sessions.touch(loaded)
+        return session
 
     async def _bearer(
         self, request: web.Request, route: Route, path: str, token: str
@@ -207,15 +220,19 @@ class Gate:
         )
         return await request.app[keys.FORWARDERS][route.index].forward(request, target)
 
-    def unauthenticated(self, request: web.Request, route: Route, path: str) -> Exception:
+    @staticmethod
+    def wants_login(request: web.Request, route: Route, method: str) -> bool:
+        """Send this unauthenticated request to login (else 401): ``login`` routes for any
+        GET/HEAD, ``auto`` routes for browser navigations."""
         mode = route.settings.on_unauthenticated
+        readable = method in ("GET", "HEAD")
+        return readable and (mode == "login" or (mode == "auto" and wants_html(request)))
+
+    def unauthenticated(self, request: web.Request, route: Route, path: str) -> Exception:
         if is_websocket_upgrade(request.headers):
             # A WebSocket client cannot follow a login redirect (RFC 6455 §4.1): plain 401.
             return Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
-        navigation = request.method in ("GET", "HEAD") and wants_html(request)
-        if (mode == "login" and request.method in ("GET", "HEAD")) or (
-            mode == "auto" and navigation
-        ):
+        if self.wants_login(request, route, request.method):
             query = request.rel_url.raw_query_string
             return_to = path + ("?" + query if query else "")
             return web.HTTPFound(start_url(return_to), headers={"Cache-Control": "no-store"})
