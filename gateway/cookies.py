@@ -27,9 +27,13 @@ class CookiePolicy:
         """Login-state cookies: ``<name>-login-<flow id>``, one per flow in progress."""
         return self.name + "-login-"
 
+    @property
+    def logout_name(self) -> str:
+        """``<name>-logout`` holds the sign-out state until /oauth2/signed_out (logout.py)."""
+        return self.name + "-logout"
+
     def is_own(self, name: str) -> bool:
-        # ``<name>-logout`` holds the sign-out state until /oauth2/signed_out (logout.py).
-        return name in (self.name, self.name + "-logout") or name.startswith(self.login_prefix)
+        return name in (self.name, self.logout_name) or name.startswith(self.login_prefix)
 
     def set(self, resp: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:
         resp.set_cookie(

@@ -121,7 +121,7 @@ async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.
         url = provider.end_session_url(meta, hint, post_logout, state)
     resp = redirect(url or f"{SIGNED_OUT_PATH}?state={state}", 303)
     cookies.clear(resp, cookies.name)
-    cookies.set(resp, cookies.name + "-logout", sealed, 600)
+    cookies.set(resp, cookies.logout_name, sealed, 600)
     return resp
 
 
@@ -150,7 +150,7 @@ def _confirm_page(request: web.Request, loaded: Loaded | None) -> web.StreamResp
 async def signed_out(request: web.Request) -> web.StreamResponse:
     """Where the provider returns the browser after end_session (post_logout_redirect_uri)."""
     cookies = request.app[keys.COOKIES]
-    name = cookies.name + "-logout"
+    name = cookies.logout_name
     target = "/"
     raw = request.cookies.get(name)
     state = request.query.get("state", "")

@@ -51,7 +51,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except GatewayError as exc:
         _count_error(request, exc)
         link = None
-        if exc.status == 400 and request.path == "/oauth2/callback":
+        if exc.status == 400 and request.path == _CALLBACK:
             link = ("/oauth2/start", "Start signing in again")
         resp = error_response(request, exc.status, exc.code, exc.message, exc.headers, link)
         _clear_if_asked(request, resp)
