@@ -27,10 +27,14 @@ class LoginState:
     created_at: float
 
     @classmethod
-    def new(cls, return_to: str, now: float | None = None) -> tuple[LoginState, str]:
-        """A fresh flow and its S256 code challenge."""
+    def new(
+        cls, return_to: str, now: float | None = None, state: str | None = None
+    ) -> tuple[LoginState, str]:
+        """A fresh flow and its S256 code challenge (``state``: one already drawn)."""
         verifier, challenge = pkce_pair()
-        st = cls(random_token(32), random_token(32), verifier, return_to, now or time.time())
+        st = cls(
+            state or random_token(32), random_token(32), verifier, return_to, now or time.time()
+        )
         return st, challenge
 
     @property

@@ -17,7 +17,7 @@ import time
 from aiohttp import web
 
 from gateway import keys
-from gateway.crypto import OpenError, sha256_b64u
+from gateway.crypto import OpenError, random_token, sha256_b64u
 from gateway.errors import (
     BadRequest,
     LoginFlowError,
@@ -85,10 +85,10 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     }
     free = [i for i in range(slots) if i not in used]
     target = secrets.choice(free) if free else min(used, key=lambda i: used[i])
-    while True:
-        flow, challenge = LoginState.new(return_to, now)
-        if _slot_for(flow.state, slots) == target:
-            break
+    state = random_token(32)
+    while _slot_for(state, slots) != target:
+        state = random_token(32)
+    flow, challenge = LoginState.new(return_to, now, state)
     resp = redirect(provider.authorization_url(meta, flow.state, flow.nonce, challenge))
     value = f"{int(now)}.{flow.seal(request.app[keys.RING])}"
     cookies.set(
