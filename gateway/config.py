@@ -106,6 +106,9 @@ class ProviderSettings(_Model):
     client_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] | None = None
     scopes: tuple[str, ...] = ("openid", "email", "profile", "offline_access")
     bearer_audiences: tuple[str, ...] = ()
+    # Most introspection calls per second for tokens not in the cache (a token bucket
+    # holding one second's worth); beyond it such a request is 503 with Retry-After.
+    introspection_rate: float = Field(default=50.0, gt=0)
     authorization_endpoint: str | None = None
     token_endpoint: str | None = None
     userinfo_endpoint: str | None = None
