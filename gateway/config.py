@@ -212,6 +212,9 @@ class RequireSettings(_Model):
     groups: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
     email_domains: tuple[str, ...] = ()
+    # Accept an email the provider does not mark verified or unverified (no email_verified
+    # claim); email_verified false is refused whatever this says.
+    allow_unverified_email: bool = False
 
 
 class TimeoutSettings(_Model):

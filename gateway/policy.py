@@ -109,6 +109,17 @@ def email_in_domains(email: str, domains: Sequence[str]) -> bool:
     return domain.lower() in {d.lower().lstrip("@") for d in domains}
 
 
+def email_verified(identity: Identity, allow_missing: bool) -> bool:
+    """The provider says the email is verified: ``email_verified`` true (or "true", as Amazon
+    Cognito sends it). Without the claim, only when the route allows it (oauth2-proxy's
+    default refuses); false, or anything else, never.
+    """
+    if "email_verified" not in identity.claims:
+        return allow_missing
+    flag = identity.claims["email_verified"]
+    return flag is True or (isinstance(flag, str) and flag.lower() == "true")
+
+
 def check_requirements(route: RouteSettings, identity: Identity, scopes: Sequence[str]) -> Decision:
     """Every non-empty ``require`` list must be met (AND across lists, OR within one)."""
     req = route.require
@@ -117,10 +128,8 @@ def check_requirements(route: RouteSettings, identity: Identity, scopes: Sequenc
     if req.groups and not set(req.groups) & set(identity.groups):
         return Decision(False, "not in a required group")
     email = identity.email
-    # Absent means the provider does not say; some providers (Amazon Cognito) send "false".
-    flag = identity.claims.get("email_verified", True)
-    verified = flag is not False and not (isinstance(flag, str) and flag.lower() == "false")
     if req.emails or req.email_domains:
+        verified = email_verified(identity, req.allow_unverified_email)
         if not email or not verified or email.count("@") != 1:
             return Decision(False, "no verified email")
         ok_email = bool(req.emails) and email.lower() in {e.lower() for e in req.emails}

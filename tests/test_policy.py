@@ -9,6 +9,7 @@ import pytest
 from gateway.config import RequireSettings, RouteSettings
 from gateway.policy import (
     MAX_PATH,
+    Decision,
     PathRejected,
     RouteTable,
     check_requirements,
@@ -193,6 +194,11 @@ def req(**kw: Any) -> RouteSettings:
     return route("/", require=RequireSettings(**kw))
 
 
+def mail(email: Any, **claims: Any) -> Identity:
+    """An identity whose provider says its email is verified."""
+    return ident(email=email, email_verified=True, **claims)
+
+
 def test_no_requirements_allow_anyone() -> None:
     assert check_requirements(req(), ident(), []).allowed
 
@@ -217,17 +223,17 @@ def test_groups_any_one_suffices() -> None:
 
 def test_emails_exact_match_case_insensitive() -> None:
     r = req(emails=["Alice@Example.com"])
-    assert check_requirements(r, ident(email="alice@example.com"), []).allowed
-    assert not check_requirements(r, ident(email="alice@example.com.evil"), []).allowed
-    assert not check_requirements(r, ident(email="bob@example.com"), []).allowed
+    assert check_requirements(r, mail("alice@example.com"), []).allowed
+    assert not check_requirements(r, mail("alice@example.com.evil"), []).allowed
+    assert not check_requirements(r, mail("bob@example.com"), []).allowed
     assert not check_requirements(r, ident(), []).allowed
 
 
 def test_email_domains() -> None:
     r = req(email_domains=["example.com", "@Corp.Example"])
-    assert check_requirements(r, ident(email="a@example.com"), []).allowed
-    assert check_requirements(r, ident(email="a@EXAMPLE.COM"), []).allowed
-    assert check_requirements(r, ident(email="a@corp.example"), []).allowed
+    assert check_requirements(r, mail("a@example.com"), []).allowed
+    assert check_requirements(r, mail("a@EXAMPLE.COM"), []).allowed
+    assert check_requirements(r, mail("a@corp.example"), []).allowed
     for bad in (
         "a@sub.example.com",
         "a@example.com.evil",
@@ -236,15 +242,13 @@ def test_email_domains() -> None:
         "@example.com",
         "a@",
     ):
-        assert not check_requirements(r, ident(email=bad), []).allowed, bad
+        assert not check_requirements(r, mail(bad), []).allowed, bad
 
 
 def test_two_at_signs_never_match() -> None:
     for email in ("evil@example.com@example.com", "a@evil.com@example.com", "a@@example.com"):
-        assert not check_requirements(
-            req(email_domains=["example.com"]), ident(email=email), []
-        ).allowed
-        assert not check_requirements(req(emails=[email]), ident(email=email), []).allowed
+        assert not check_requirements(req(email_domains=["example.com"]), mail(email), []).allowed
+        assert not check_requirements(req(emails=[email]), mail(email), []).allowed
         assert not email_in_domains(email, ["example.com"])
 
 
@@ -257,28 +261,45 @@ def test_email_verified_false_refused() -> None:
     ).allowed
     assert check_requirements(r, ident(email="a@example.com", email_verified=True), []).allowed
     assert check_requirements(r, ident(email="a@example.com", email_verified="true"), []).allowed
-    # Absent means the provider does not say; the address is taken as given.
-    assert check_requirements(r, ident(email="a@example.com"), []).allowed
+    # Anything that is not a plain yes is no.
+    for odd in (None, 1, "yes", "", [True], {"value": True}):
+        decision = check_requirements(r, ident(email="a@example.com", email_verified=odd), [])
+        assert decision == Decision(False, "no verified email"), odd
+
+
+def test_missing_email_verified_is_not_verified_unless_the_route_allows_it() -> None:
+    """oauth2-proxy's default: a provider that does not say the address is verified has not
+    verified it. ``allow_unverified_email`` accepts the missing claim, never a false one."""
+    for rule in ({"email_domains": ["example.com"]}, {"emails": ["a@example.com"]}):
+        strict = check_requirements(req(**rule), ident(email="a@example.com"), [])
+        assert strict == Decision(False, "no verified email"), rule
+        lenient = req(**rule, allow_unverified_email=True)
+        assert check_requirements(lenient, ident(email="a@example.com"), []) == Decision(True)
+        for flag in (False, "false", "FALSE"):
+            decision = check_requirements(
+                lenient, ident(email="a@example.com", email_verified=flag), []
+            )
+            assert decision == Decision(False, "no verified email"), (rule, flag)
+    # Without an email rule the claim does not matter.
+    assert check_requirements(req(groups=["g"]), ident(groups=["g"]), []) == Decision(True)
 
 
 def test_non_string_email_refused() -> None:
     r = req(emails=["a@example.com"])
-    assert not check_requirements(r, ident(email=["a@example.com"]), []).allowed
+    assert not check_requirements(r, mail(["a@example.com"]), []).allowed
 
 
 def test_emails_or_domains_either_suffices() -> None:
     r = req(emails=["boss@partner.org"], email_domains=["example.com"])
-    assert check_requirements(r, ident(email="boss@partner.org"), []).allowed
-    assert check_requirements(r, ident(email="x@example.com"), []).allowed
-    assert not check_requirements(r, ident(email="x@partner.org"), []).allowed
+    assert check_requirements(r, mail("boss@partner.org"), []).allowed
+    assert check_requirements(r, mail("x@example.com"), []).allowed
+    assert not check_requirements(r, mail("x@partner.org"), []).allowed
 
 
 def test_lists_combine_with_and() -> None:
     r = req(groups=["admins"], email_domains=["example.com"], scopes=["admin"])
-    good = ident(groups=["admins"], email="a@example.com")
+    good = mail("a@example.com", groups=["admins"])
     assert check_requirements(r, good, ["admin"]).allowed
     assert not check_requirements(r, good, []).allowed
-    assert not check_requirements(
-        r, ident(groups=["admins"], email="a@other.com"), ["admin"]
-    ).allowed
-    assert not check_requirements(r, ident(groups=["x"], email="a@example.com"), ["admin"]).allowed
+    assert not check_requirements(r, mail("a@other.com", groups=["admins"]), ["admin"]).allowed
+    assert not check_requirements(r, mail("a@example.com", groups=["x"]), ["admin"]).allowed
