@@ -205,7 +205,7 @@ async def test_a_logout_token_never_ends_a_session_begun_after_it_was_issued(
 
 @pytest.mark.parametrize(
     ("refused", "step"),
-    [("del", "ending the sessions"), ("set", "recording the jti")],
+    [("smembers", "finding the sessions"), ("del", "ending them"), ("set", "recording the jti")],
 )
 async def test_a_store_failure_mid_logout_is_503_and_the_retry_ends_the_session(
     make_stack: Any,

@@ -31,7 +31,7 @@ class LogoutClaims:
     sid: str | None
     jti: str
     exp: float
-    iat: float = 0.0
+    iat: float
 
 
 class IdTokenValidator:
