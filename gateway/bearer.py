@@ -2,8 +2,8 @@
 
 Owns reading ``Authorization: Bearer`` (RFC 6750 §2.1), validating a JWT access token
 against the provider's JWKS (RFC 9068 §4) or an opaque one by introspection (RFC 7662),
-the introspection caches and their rate limit, turning the token's claims into an ``Identity`` and scopes, and
-the route policy check for such a caller. Nothing here creates a session or writes to the
+the introspection caches and their rate limit, turning the token's claims into an
+``Identity`` and scopes, and the route policy check for such a caller. Nothing here creates a session or writes to the
 session store: every request stands on its own token.
 
 Failures are RFC 6750 §3 answers: ``invalid_token`` (401) for any token we do not accept,
@@ -228,7 +228,8 @@ class BearerVerifier:
         self._busy_logged = 0.0
 
     async def verify(self, token: str) -> BearerPrincipal:
-        """The principal of a token; raise InvalidToken (401) or ProviderUnavailable (503)."""
+        """The principal of a token; raise InvalidToken (401), or ProviderUnavailable or
+        IntrospectionBusy (503)."""
         try:
             meta = await self.provider.metadata()
         except ProviderTransportError:
