@@ -3,8 +3,8 @@
 Owns reading ``Authorization: Bearer`` (RFC 6750 §2.1), validating a JWT access token
 against the provider's JWKS (RFC 9068 §4) or an opaque one by introspection (RFC 7662),
 the introspection caches and their rate limit, turning the token's claims into an
-``Identity`` and scopes, and the route policy check for such a caller. Nothing here creates a session or writes to the
-session store: every request stands on its own token.
+``Identity`` and scopes, and the route policy check for such a caller. Nothing here
+creates a session or writes to the session store: every request stands on its own token.
 
 Failures are RFC 6750 §3 answers: ``invalid_token`` (401) for any token we do not accept,
 ``invalid_request`` (400) for a malformed ``Authorization``, ``insufficient_scope`` (403)
