@@ -246,8 +246,10 @@ class Gateway:
             gen.running -= 1
             if gen.retired and gen.running == 0:
                 self._close_later(gen)
-        if self.draining and not resp.prepared:
-            resp.force_close()  # Connection: close, so the client does not reuse it
+        if self.draining and not resp.prepared and not request.protocol._messages:
+            # Connection: close, so the client does not reuse it (unless it has pipelined
+            # requests already received: they are answered first).
+            resp.force_close()
         return resp
 
     # -- reload --
@@ -546,6 +548,7 @@ def run_workers(settings: Settings, config_path: str | None, workers: int) -> in
         )
         proc.start()
         slot.process, slot.started, slot.restart_at = proc, time.monotonic(), None
+        log.info("worker %d started (pid %s)", index, proc.pid)
 
     try:
         for i in range(workers):
