@@ -217,59 +217,57 @@ async def test_sighup_reloads_policy_for_an_existing_session_and_refuses_a_bad_f
         await idp.close()
 
 
-async def test_killed_worker_is_restarted_and_no_worker_outlives_the_parent(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+async def two_workers(tmp_path: Path) -> AsyncIterator[GatewayProcess]:
+    """``gateway run --workers 2`` with one public route to an echo upstream."""
     echo = await start_echo()
-    gw = await start_gateway_process(
-        public_config(str(echo.url)), tmp_path, args=["--workers", "2"]
-    )
+    cfg = public_config(str(echo.url))
+    gw = await start_gateway_process(cfg, tmp_path, args=["--workers", "2"])
     try:
         await wait_for(lambda: len(worker_pids(gw)) == 2, "two workers")
-        first = worker_pids(gw)
-        os.kill(first[0], signal.SIGKILL)
-        await wait_for(lambda: worker_pids(gw).get(0, first[0]) != first[0], "a restart")
-        assert f"worker 0 (pid {first[0]}) exited with -9; restarting" in gw.log()
-        workers = worker_pids(gw)
-        assert workers[1] == first[1]
-        async with aiohttp.ClientSession() as http, http.get(gw.url + "/healthz") as resp:
-            assert resp.status == 200
-        # SIGKILL the parent: its workers must not survive it.
-        gw.process.kill()
-        await gw.process.wait()
-        await wait_for(lambda: not any(alive(pid) for pid in workers.values()), "no orphans")
+        yield gw
     finally:
         await gw.close()
         await echo.close()
+
+
+async def test_killed_worker_is_restarted_and_no_worker_outlives_the_parent(
+    two_workers: GatewayProcess,
+) -> None:
+    gw = two_workers
+    first = worker_pids(gw)
+    os.kill(first[0], signal.SIGKILL)
+    await wait_for(lambda: worker_pids(gw).get(0, first[0]) != first[0], "a restart")
+    assert f"worker 0 (pid {first[0]}) exited with -9; restarting" in gw.log()
+    workers = worker_pids(gw)
+    assert workers[1] == first[1]
+    async with aiohttp.ClientSession() as http, http.get(gw.url + "/healthz") as resp:
+        assert resp.status == 200
+    # SIGKILL the parent: its workers must not survive it.
+    gw.process.kill()
+    await gw.process.wait()
+    await wait_for(lambda: not any(alive(pid) for pid in workers.values()), "no orphans")
 
 
 async def test_metrics_with_two_workers_give_the_same_totals_scrape_after_scrape(
-    tmp_path: Path,
+    two_workers: GatewayProcess,
 ) -> None:
     from tests.test_metrics import Scrape
 
-    echo = await start_echo()
-    gw = await start_gateway_process(
-        public_config(str(echo.url)), tmp_path, args=["--workers", "2"]
-    )
-    try:
-        await wait_for(lambda: len(worker_pids(gw)) == 2, "two workers")
-        n = 40
-        # A fresh connection per request, so both workers take some.
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as http:
-            for i in range(n):
-                async with http.get(f"{gw.url}/counted/{i}") as resp:
-                    assert resp.status == 200
-            scrapes = []
-            for _ in range(8):
-                async with http.get(gw.url + "/metrics") as resp:
-                    assert resp.status == 200
-                    scrapes.append(Scrape(await resp.text()))
-        counted = [s.value("gateway_requests_total", route="/", status="200") for s in scrapes]
-        assert counted == [n] * len(scrapes)
-        assert all(s.value("gateway_build_info") == 1 for s in scrapes)
-        assert all(s.value("process_resident_memory_bytes") > 0 for s in scrapes)
-    finally:
-        await gw.close()
-        await echo.close()
+    gw = two_workers
+    n = 40
+    # A fresh connection per request, so both workers take some.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for i in range(n):
+            async with http.get(f"{gw.url}/counted/{i}") as resp:
+                assert resp.status == 200
+        scrapes = []
+        for _ in range(8):
+            async with http.get(gw.url + "/metrics") as resp:
+                assert resp.status == 200
+                scrapes.append(Scrape(await resp.text()))
+    counted = [s.value("gateway_requests_total", route="/", status="200") for s in scrapes]
+    assert counted == [n] * len(scrapes)
+    assert all(s.value("gateway_build_info") == 1 for s in scrapes)
+    assert all(s.value("process_resident_memory_bytes") > 0 for s in scrapes)
