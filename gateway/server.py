@@ -257,6 +257,8 @@ class Gateway:
     async def reload(self) -> bool:
         """Read the config file again; swap it in when valid. False when it was refused."""
         async with self._reload_lock:
+            if self.draining:
+                return False
             new = read_config(self.config_path)
             if new is None:
                 return False

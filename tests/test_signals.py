@@ -159,6 +159,20 @@ async def test_second_gateway_on_the_same_port_fails_with_one_clear_line(
         await echo.close()
 
 
+async def test_reuse_port_lets_gateways_share_a_port_on_purpose(tmp_path: Path) -> None:
+    echo = await start_echo()
+    cfg = public_config(str(echo.url), reuse_port=True)
+    running: list[GatewayProcess] = []
+    try:
+        for name in ("first", "second"):
+            running.append(await start_gateway_process(cfg, tmp_path, name=name))
+        assert [gw.process.returncode for gw in running] == [None, None]
+    finally:
+        for gw in running:
+            await gw.close()
+        await echo.close()
+
+
 async def test_sighup_reloads_policy_for_an_existing_session_and_refuses_a_bad_file(
     tmp_path: Path, browser: aiohttp.ClientSession
 ) -> None:
@@ -271,3 +285,19 @@ async def test_metrics_with_two_workers_give_the_same_totals_scrape_after_scrape
     assert counted == [n] * len(scrapes)
     assert all(s.value("gateway_build_info") == 1 for s in scrapes)
     assert all(s.value("process_resident_memory_bytes") > 0 for s in scrapes)
+
+
+def test_reload_names_the_keys_that_need_a_restart() -> None:
+    from gateway.config import validate
+    from gateway.server import restart_only_changes
+
+    cfg = public_config("http://127.0.0.1:9")
+    old = validate(cfg, env={})
+    new_cfg = {
+        **cfg,
+        "server": {**cfg["server"], "port": cfg["server"]["port"] + 1, "header_timeout": "5s"},
+        "observability": {"log_format": "json", "log_level": "debug"},
+        "routes": [*cfg["routes"], {"prefix": "/more", "upstream": "http://127.0.0.1:9"}],
+    }
+    changed = restart_only_changes(old, validate(new_cfg, env={}))
+    assert changed == ["server.port", "server.header_timeout", "observability.log_format"]
