@@ -418,9 +418,11 @@ async def _serve(
     parent_pid: int | None = None,
 ) -> None:
     gateway = Gateway(settings, config_path)
-    await gateway.start(sock)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Future[Any]] = set()
+    # Signals that arrive while the app starts (the provider may be slow) wait for it.
+    pending: set[signal.Signals] = set()
+    started = False
 
     def spawn(coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -428,14 +430,26 @@ async def _serve(
         task.add_done_callback(tasks.discard)
 
     def on_term() -> None:
-        spawn(gateway.drain())
+        if started:
+            spawn(gateway.drain())
+        else:
+            pending.add(signal.SIGTERM)
 
     def on_hup() -> None:
-        spawn(gateway.reload())
+        if started:
+            spawn(gateway.reload())
+        else:
+            pending.add(signal.SIGHUP)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await gateway.start(sock)
+    started = True
+    if signal.SIGHUP in pending:
+        on_hup()
+    if signal.SIGTERM in pending:
+        on_term()
     if parent_pid is not None:
         watcher = asyncio.ensure_future(_watch_parent(parent_pid, on_term))
     await gateway.stopped.wait()
@@ -456,6 +470,7 @@ def run_single(settings: Settings, config_path: str | None) -> int:
     sock = _listen(settings, 1)
     if sock is None:
         return 1
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it
     try:
         asyncio.run(_serve(settings, config_path, sock))
     finally:
@@ -505,8 +520,11 @@ def _die_with_parent(parent_pid: int) -> None:
 def _worker_main(
     settings: Settings, config_path: str | None, sock: socket.socket, parent_pid: int
 ) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    # Until the loop takes them over: TERM/INT end a worker that serves nothing yet, a HUP
+    # (the parent forwarding a reload) must not.
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     asyncio.run(_serve(settings, config_path, sock, parent_pid))
 

@@ -301,3 +301,28 @@ def test_reload_names_the_keys_that_need_a_restart() -> None:
     }
     changed = restart_only_changes(old, validate(new_cfg, env={}))
     assert changed == ["server.port", "server.header_timeout", "observability.log_format"]
+
+
+async def test_sighup_to_the_workers_parent_reloads_every_worker(
+    two_workers: GatewayProcess,
+) -> None:
+    gw = two_workers
+    cfg = yaml.safe_load(gw.config_path.read_text(encoding="utf-8"))
+    gw.config_path.write_text("routes: [", encoding="utf-8")
+    gw.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: "the running config stays" in gw.log(), "the refusal")
+    await asyncio.sleep(0.5)
+    assert gw.log().count("reload refused: ") == 2  # the problem and the verdict, once
+    assert "config reloaded" not in gw.log()
+    upstream = cfg["routes"][0]["upstream"]
+    cfg["routes"].insert(
+        0, {"prefix": "/closed", "upstream": upstream, "on_unauthenticated": "deny"}
+    )
+    gw.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    gw.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: gw.log().count("config reloaded") == 2, "both workers reloaded")
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(10):
+            async with http.get(gw.url + "/closed/x") as resp:
+                assert resp.status == 401
