@@ -23,7 +23,7 @@ from gateway.crypto import KeyRing, decode_secret
 from gateway.errors import ProviderTransportError, StoreError
 from gateway.forward_auth import ForwardAuth
 from gateway.gate import Gate
-from gateway.metrics import METRICS, Metrics, metrics_handler, metrics_listener
+from gateway.metrics import METRICS, Metrics, main_port_metrics, metrics_listener
 from gateway.middleware import access_log, errors, on_response_prepare
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
@@ -35,9 +35,18 @@ from gateway.store import SessionStore, open_store
 
 log = logging.getLogger("gateway")
 STORE_FACTORY: web.AppKey[Callable[[], SessionStore]] = web.AppKey("store_factory")
+# True when the store and metrics belong to the caller (``gateway run`` keeps them across
+# reloads): the app then neither closes the store nor starts the metrics_listen listener.
+SHARED = web.AppKey("shared", bool)
 
 
-def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    store: SessionStore | None = None,
+    metrics: Metrics | None = None,
+    shared: bool = False,
+) -> web.Application:
     app = web.Application(
         middlewares=[access_log, errors],
         handler_args={"max_field_size": settings.server.max_header_size},
@@ -49,7 +58,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     )
     app[keys.COOKIES] = CookiePolicy.from_settings(settings.session)
     app[keys.ROUTES] = RouteTable(settings.routes)
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[SHARED] = shared
     app[ASSERTION] = AssertionSigner.from_settings(settings)
     app.on_response_prepare.append(on_response_prepare)
     app[STORE_FACTORY] = (
@@ -58,7 +68,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_provider_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
-    app.cleanup_ctx.append(metrics_listener(settings))
+    if not shared:
+        app.cleanup_ctx.append(metrics_listener(settings))
 
     gate = Gate(settings)
     app.router.add_get("/oauth2/start", login.start)
@@ -71,7 +82,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app.router.add_get(logout.SIGNED_OUT_PATH, logout.signed_out)
     app.router.add_route("*", "/oauth2/backchannel_logout", logout.backchannel_logout)
     if not settings.observability.metrics_listen:
-        app.router.add_get("/metrics", metrics_handler)
+        app.router.add_get("/metrics", main_port_metrics(settings))
     app.router.add_get("/.well-known/jwks.json", jwks_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -83,7 +94,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE_FACTORY]()
     app[keys.STORE] = store
     yield
-    await store.close()
+    if not app[SHARED]:
+        await store.close()
 
 
 async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -78,6 +78,12 @@ class ServerSettings(_Model):
     public_url: str
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_header_size: int = Field(16384, ge=1024)
+    # Slow and abusive clients, and the process model (docs/operations.md).
+    header_timeout: Duration = Field(10.0, gt=0)
+    keepalive_timeout: Duration = Field(75.0, gt=0)
+    max_connections: int = Field(4096, ge=1)
+    shutdown_timeout: Duration = 25.0
+    reuse_port: bool = False
 
     @field_validator("public_url")
     @classmethod
@@ -297,6 +303,7 @@ class LogoutSettings(_Model):
 
 class ObservabilitySettings(_Model):
     metrics_listen: str | None = None
+    metrics_public: bool = False  # /metrics on the main port for every peer, not only loopback
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
