@@ -78,6 +78,9 @@ class ServerSettings(_Model):
     public_url: str
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_header_size: int = Field(16384, ge=1024)
+    # Routes match paths case-insensitively (for IIS, ASP.NET, Windows upstreams that serve
+    # /ADMIN as /admin); docs/security.md.
+    case_insensitive_routes: bool = False
 
     @field_validator("public_url")
     @classmethod

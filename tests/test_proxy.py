@@ -26,7 +26,7 @@ from yarl import URL
 
 from gateway.echo import WS_CLOSE_CODES, RunningEcho, start_echo
 from gateway.errors import GatewayError
-from gateway.headers import normalize
+from gateway.headers import OwnCookies, normalize
 from gateway.proxy import Forwarder, ProxyTarget, make_upstream_client
 
 MB = 1024 * 1024
@@ -89,7 +89,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         query_string=request.rel_url.raw_query_string,
         inject=options.pop("inject", INJECT),
         strip=STRIP,
-        strip_cookies=frozenset({GATEWAY_COOKIE}),
+        own_cookies=OwnCookies((GATEWAY_COOKIE,)),
         forwarded_for="203.0.113.7",
         forwarded_proto="https",
         forwarded_host="app.example.com",
