@@ -11,6 +11,8 @@ import logging
 from urllib.parse import unquote
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.cookies import CookiePolicy
@@ -189,3 +191,11 @@ def test_encode_value_is_identity_on_plain_ascii() -> None:
     plain = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%")
     assert encode_value(plain) == plain
     assert encode_value(plain, list_item=True) == plain.replace(",", "%2C")
+
+
+@given(st.lists(st.text(max_size=20), max_size=6))
+def test_any_list_claim_round_trips_and_is_a_valid_header_value(items: list[str]) -> None:
+    value = identity_headers({"X-L": "l"}, Identity("s", {"l": items}))["X-L"]
+    assert all(0x20 <= ord(c) < 0x7F for c in value)
+    assert value == value.strip()
+    assert [unquote(item) for item in value.split(",")] == (items or [""])
