@@ -304,6 +304,15 @@ def test_traefik_recipe_matches_the_gateway() -> None:
     assert "authRequestHeaders" not in auth
     assert set(DEFAULT_IDENTITY_HEADERS) | {"Authorization"} <= set(auth["authResponseHeaders"])
     assert http["routers"]["app"]["middlewares"][-1] == "gateway-auth"
+    # Every other name the gateway emits or trusts from a proxy is deleted from the client's
+    # request before it reaches the app (issue 7 item 6).
+    from gateway.gate import EMITTED_ELSEWHERE
+
+    strip = http["middlewares"]["gateway-strip"]["headers"]["customRequestHeaders"]
+    assert http["routers"]["app"]["middlewares"][0] == "gateway-strip"
+    deleted = {name.lower() for name, value in strip.items() if value == ""}
+    for name in EMITTED_ELSEWHERE:
+        assert name.lower() in deleted, name
     assert "!PathPrefix(`/oauth2/auth`)" in http["routers"]["gateway"]["rule"]
     stripped = http["middlewares"]["gateway-strip"]["headers"]["customRequestHeaders"]
     for name in DEFAULT_IDENTITY_HEADERS:
