@@ -6,9 +6,10 @@ repeated slashes folded; encodings whose meaning differs between servers (``%2F`
 ``\\``, ``;`` parameters, NUL, C0/C1 controls, Unicode format characters) are refused.
 
 Routes are chosen on that path and, as well, on the spelling a folding upstream would serve
-(``route_key``): NFKC, trailing dots and spaces of each segment dropped (Windows, IIS), and,
-with ``server.case_insensitive_routes``, lowercase. When the two spellings would be served
-by different routes the path is refused, so no spelling falls to a weaker route.
+(``route_key``): NFKC, NTFS stream suffixes and trailing dots and spaces of each segment
+dropped (Windows, IIS), and, with ``server.case_insensitive_routes``, lowercase. When the two
+spellings would be served by different routes the path is refused, so no spelling falls to a
+weaker route.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def normalize_path(raw_path: str) -> str:
             if out:
                 out.pop()
             continue
-        if not _fold_segment(seg):
+        if not _fold_segment(seg, streams=False):
             # Only dots and spaces ("...", ". ", "%20"): Windows reads it as "." or "..".
             raise PathRejected("a path segment of only dots and spaces is not accepted")
         out.append(seg)
@@ -78,10 +79,13 @@ def _refused_char(c: str) -> bool:
     return o > 0x9F and unicodedata.category(c) == "Cf"
 
 
-def _fold_segment(seg: str) -> str:
+def _fold_segment(seg: str, *, streams: bool = True) -> str:
     """A segment as Windows/IIS and NFKC-folding servers read it: compatibility-normalized,
+    an NTFS stream suffix dropped (``admin::$DATA`` is ``admin``) when ``streams``, then
     trailing dots and (Unicode) spaces dropped (``admin.`` and ``admin%20`` are ``admin``)."""
     seg = unicodedata.normalize("NFKC", seg) if not seg.isascii() else seg
+    if streams:
+        seg = seg.partition(":")[0]
     end = len(seg)
     while end and (seg[end - 1] == "." or seg[end - 1].isspace()):
         end -= 1

@@ -194,6 +194,8 @@ FOLDED_ADMIN = [
     "/admin%E3%80%80",  # U+3000 ideographic space
     "/%EF%BD%81dmin",  # fullwidth a (NFKC)
     "/admin%EF%BC%8Fx",  # fullwidth solidus (NFKC "/")
+    "/admin::$DATA",  # an NTFS stream of /admin
+    "/admin:x/y",
     "/public.",  # / and /public: the literal and folded spellings disagree here too
     "/api/v2./x",  # /api literally, /api/v2/ folded
 ]
@@ -229,6 +231,9 @@ def test_folded_spellings_of_a_protected_route_are_refused(raw: str) -> None:
         ("/admin/file.txt", "/admin"),
         ("/admin/x.", "/admin"),  # both spellings are /admin's: no reason to refuse
         ("/admin/a%20b", "/admin"),
+        ("/v1/things:batchGet", "/"),  # a colon inside a route's own paths is no reason
+        ("/admin/x:y", "/admin"),
+        ("/:id", "/"),
         ("/caf%C3%A9", "/"),
         ("/%E5%90%8D%E5%89%8D", "/"),
         ("/.well-known/x", "/"),
