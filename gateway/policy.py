@@ -25,6 +25,11 @@ from gateway.session import Identity
 
 _AMBIGUOUS = re.compile(r"%(2[fF]|5[cC]|00|25)")
 _HEX = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# After decoding: C0 and C1 controls, DEL, backslashes and ';' (format characters: _is_format).
+_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\\\\;]")
+# ASCII characters a folding upstream drops at the end of a segment (see _fold_segment).
+_ASCII_TRAILING = frozenset(". \t\n\v\f\r\x1c\x1d\x1e\x1f")
+_ASCII_FOLDABLE = re.compile("[. \t\n\v\f\r\x1c-\x1f](?:/|$)")
 MAX_PATH = 8192
 
 
@@ -45,7 +50,7 @@ def normalize_path(raw_path: str) -> str:
         decoded = unquote_to_bytes(path).decode("utf-8", "strict")
     except UnicodeDecodeError:
         raise PathRejected("the path is not valid UTF-8") from None
-    if any(_refused_char(c) for c in decoded) or "\\" in decoded or ";" in decoded:
+    if _REFUSED.search(decoded) or (not decoded.isascii() and any(map(_is_format, decoded))):
         raise PathRejected(
             "control, zero-width and format characters, backslashes and ';' are not accepted"
             " in paths"
@@ -59,7 +64,9 @@ def normalize_path(raw_path: str) -> str:
             if out:
                 out.pop()
             continue
-        if not _fold_segment(seg, streams=False):
+        if (seg[-1] in _ASCII_TRAILING or not seg.isascii()) and not _fold_segment(
+            seg, streams=False
+        ):
             # Only dots and spaces ("...", ". ", "%20"): Windows reads it as "." or "..".
             raise PathRejected("a path segment of only dots and spaces is not accepted")
         out.append(seg)
@@ -70,20 +77,21 @@ def normalize_path(raw_path: str) -> str:
     return result
 
 
-def _refused_char(c: str) -> bool:
-    """C0 and C1 controls, DEL, and Unicode format characters (category Cf: U+200B, U+FEFF,
-    U+00AD, bidi marks...), which some upstreams drop or ignore when they match a path."""
-    o = ord(c)
-    if o < 0x20 or 0x7F <= o <= 0x9F:
-        return True
-    return o > 0x9F and unicodedata.category(c) == "Cf"
+def _is_format(c: str) -> bool:
+    """Unicode format characters (category Cf: U+200B, U+FEFF, U+00AD, bidi marks...), which
+    some upstreams drop or ignore when they match a path."""
+    return c > "\x9f" and unicodedata.category(c) == "Cf"
 
 
 def _fold_segment(seg: str, *, streams: bool = True) -> str:
     """A segment as Windows/IIS and NFKC-folding servers read it: compatibility-normalized,
     an NTFS stream suffix dropped (``admin::$DATA`` is ``admin``) when ``streams``, then
     trailing dots and (Unicode) spaces dropped (``admin.`` and ``admin%20`` are ``admin``)."""
-    seg = unicodedata.normalize("NFKC", seg) if not seg.isascii() else seg
+    if seg.isascii():
+        if seg[-1:] not in _ASCII_TRAILING and ":" not in seg:
+            return seg  # the common case, unchanged
+    else:
+        seg = unicodedata.normalize("NFKC", seg)
     if streams:
         seg = seg.partition(":")[0]
     end = len(seg)
@@ -95,7 +103,7 @@ def _fold_segment(seg: str, *, streams: bool = True) -> str:
 def route_key(path: str, *, lowercase: bool = False, fold: bool = True) -> str:
     """The spelling routes are compared in: each segment folded (``_fold_segment``) when
     ``fold``, and lowercased when routes are case-insensitive."""
-    if fold:
+    if fold and (not path.isascii() or ":" in path or _ASCII_FOLDABLE.search(path)):
         path = "/".join(_fold_segment(seg) if seg else seg for seg in path.split("/"))
     return path.lower() if lowercase else path
 
@@ -152,6 +160,7 @@ class RouteTable:
             )
         )
         self._by_folded = tuple(sorted(self.routes, key=lambda r: len(r.folded_key), reverse=True))
+        self._prefixes_fold_to_themselves = all(r.literal_key == r.folded_key for r in self.routes)
 
     def key(self, path: str) -> str:
         """The folded spelling of ``path`` that own-endpoint checks compare too."""
@@ -161,6 +170,8 @@ class RouteTable:
         literal = route_key(path, lowercase=self.case_insensitive, fold=False)
         folded = self.key(path)
         chosen = next((r for r in self.routes if _prefix_matches(r.literal_key, literal)), None)
+        if folded == literal and self._prefixes_fold_to_themselves:
+            return chosen
         other = next((r for r in self._by_folded if _prefix_matches(r.folded_key, folded)), None)
         if other is not chosen:
             raise PathRejected(
