@@ -14,6 +14,7 @@ by spelling it differently.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -174,10 +175,14 @@ def _filter_cookies(values: list[str], own: OwnCookies) -> str | None:
 # spaces at either end (a parser would trim them). An upstream decodes with any
 # percent-decoder (urllib.parse.unquote); a value without those characters is unchanged.
 _PRINTABLE = frozenset(range(0x20, 0x7F)) - {ord("%")}
+# Printable ASCII without "%", not starting or ending with a space: sent as it is.
+_PLAIN = re.compile(r"[!-$&-~](?:[ -$&-~]*[!-$&-~])?")
 
 
 def encode_value(text: str, *, list_item: bool = False) -> str:
     """``text`` as a valid, unambiguous header value (see the note above)."""
+    if _PLAIN.fullmatch(text) and not (list_item and "," in text):
+        return text
     raw = text.encode("utf-8", "surrogatepass")
     last = len(raw) - 1
     out: list[str] = []

@@ -199,3 +199,11 @@ def test_any_list_claim_round_trips_and_is_a_valid_header_value(items: list[str]
     assert all(0x20 <= ord(c) < 0x7F for c in value)
     assert value == value.strip()
     assert [unquote(item) for item in value.split(",")] == (items or [""])
+
+
+@given(st.text(max_size=30))
+def test_any_scalar_claim_round_trips_and_is_a_valid_header_value(text: str) -> None:
+    value = encode_value(text)
+    assert all(0x20 <= ord(c) < 0x7F for c in value)
+    assert value == value.strip()
+    assert unquote(value) == text
