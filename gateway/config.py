@@ -84,6 +84,9 @@ class ServerSettings(_Model):
     max_connections: int = Field(4096, ge=1)
     shutdown_timeout: Duration = 25.0
     reuse_port: bool = False
+    # Routes match paths case-insensitively (for IIS, ASP.NET, Windows upstreams that serve
+    # /ADMIN as /admin); docs/security.md.
+    case_insensitive_routes: bool = False
 
     @field_validator("public_url")
     @classmethod

@@ -111,15 +111,14 @@ def route(prefix: str, **kw: Any) -> RouteSettings:
     return RouteSettings(prefix=prefix, upstream=UPSTREAM, **kw)
 
 
-TABLE = RouteTable(
-    [
-        route("/"),
-        route("/public", auth="none"),
-        route("/api"),
-        route("/api/v2/"),
-        route("/admin", require={"groups": ["admins"]}),
-    ]
-)
+TABLE_SETTINGS = [
+    route("/"),
+    route("/public", auth="none"),
+    route("/api"),
+    route("/api/v2/"),
+    route("/admin", require={"groups": ["admins"]}),
+]
+TABLE = RouteTable(TABLE_SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -181,6 +180,82 @@ def test_normalized_path_decides_the_route() -> None:
         matched = TABLE.match(normalize_path(raw))
         assert matched is not None
         assert matched.prefix == "/admin", raw
+
+
+# Spellings that IIS, ASP.NET, Spring's lenient matchers or Windows file servers serve as
+# /admin (issue 7 item 9): each gets /admin's decision or is refused, never "/"'s.
+FOLDED_ADMIN = [
+    "/admin.",
+    "/admin..",
+    "/admin%20",
+    "/admin.%20.",
+    "/admin%09",
+    "/admin./x",
+    "/admin%20/x",
+    "/admin%E3%80%80",  # U+3000 ideographic space
+    "/%EF%BD%81dmin",  # fullwidth a (NFKC)
+    "/admin%EF%BC%8Fx",  # fullwidth solidus (NFKC "/")
+    "/admin::$DATA",  # an NTFS stream of /admin
+    "/admin:x/y",
+    "/public.",  # / and /public: the literal and folded spellings disagree here too
+    "/api/v2./x",  # /api literally, /api/v2/ folded
+]
+FORMAT_CHARS = [
+    "/admin%E2%80%8B",  # U+200B zero width space
+    "/ad%E2%80%8Bmin",
+    "/%EF%BB%BFadmin",  # U+FEFF
+    "/ad%C2%ADmin",  # U+00AD soft hyphen
+    "/admin%E2%80%8E",  # U+200E left-to-right mark
+    "/admin%C2%85",  # U+0085, a C1 control
+    "/admin/...",
+    "/admin/.%20/x",
+    "/%20",
+    "/admin/%EF%BC%8E%EF%BC%8E/x",  # fullwidth "..": NFKC makes it a parent segment
+]
+
+
+@pytest.mark.parametrize("raw", FOLDED_ADMIN + FORMAT_CHARS)
+def test_folded_spellings_of_a_protected_route_are_refused(raw: str) -> None:
+    with pytest.raises(PathRejected):
+        path = normalize_path(raw)
+        TABLE.match(path)
+    ci = RouteTable(TABLE_SETTINGS, case_insensitive=True)
+    with pytest.raises(PathRejected):
+        ci.match(normalize_path(raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "prefix"),
+    [
+        ("/file.tar.gz", "/"),
+        ("/v1.2/x", "/"),
+        ("/admin/file.txt", "/admin"),
+        ("/admin/x.", "/admin"),  # both spellings are /admin's: no reason to refuse
+        ("/admin/a%20b", "/admin"),
+        ("/v1/things:batchGet", "/"),  # a colon inside a route's own paths is no reason
+        ("/admin/x:y", "/admin"),
+        ("/:id", "/"),
+        ("/caf%C3%A9", "/"),
+        ("/%E5%90%8D%E5%89%8D", "/"),
+        ("/.well-known/x", "/"),
+        ("/ADMIN", "/"),  # case-sensitive by default, like RFC 3986
+    ],
+)
+def test_legitimate_paths_keep_their_route(raw: str, prefix: str) -> None:
+    matched = TABLE.match(normalize_path(raw))
+    assert matched is not None
+    assert matched.prefix == prefix, raw
+
+
+@pytest.mark.parametrize("raw", ["/ADMIN", "/Admin/", "/aDmIn/x", "/ADMIN/Panel"])
+def test_case_insensitive_routes_give_the_protected_decision(raw: str) -> None:
+    ci = RouteTable(TABLE_SETTINGS, case_insensitive=True)
+    matched = ci.match(normalize_path(raw))
+    assert matched is not None
+    assert matched.prefix == "/admin"
+    mixed = RouteTable([route("/"), route("/Reports/", auth="none")], case_insensitive=True)
+    found = mixed.match("/REPORTS/q")
+    assert found is not None and found.prefix == "/Reports/"
 
 
 # -- check_requirements ---------------------------------------------------------------------------
