@@ -654,6 +654,7 @@ class Results:
     logins: dict[str, Any] = field(default_factory=dict)
     memory: list[tuple[str, str, str]] = field(default_factory=list)
     pieces: list[Any] = field(default_factory=list)
+    areas: list[tuple[str, float, float]] = field(default_factory=list)
     load_before: str = ""
     load_after: str = ""
     seconds: float = 0.0
@@ -717,7 +718,7 @@ async def run(opts: Options, procs: Procs, workdir: Path, res: Results) -> None:
     log("per-request pieces, in-process")
     from bench.pieces import measure
 
-    res.pieces = await measure(settings, cookie, stack.backend_url, opts.quick)
+    res.pieces, res.areas = await measure(settings, cookie, stack.backend_url, opts.quick)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -848,6 +849,18 @@ def render(res: Results) -> str:
             micros = "n/a" if p.micros != p.micros else f"{p.micros:,.1f}"
             out.append(f"| {p.name} | {micros} | {p.covers} |")
         out.append("")
+    if res.areas:
+        out += ["## Where a whole request's time goes (profiled)", "",
+                "The in-process requests above again, under cProfile: time per request by the part "
+                "of the stack the code belongs to (the in-process client's share is in both columns "
+                "alike). The profiler slows Python code more than C code: compare the columns, do "
+                "not add them to the table above.", "",
+                "| part | bare proxy µs/request | gateway µs/request | gateway extra |",
+                "|---|---|---|---|"]  # fmt: skip
+        for area, b, g in res.areas:
+            out.append(f"| {area} | {b:,.0f} | {g:,.0f} | {g - b:+,.0f} |")
+        tb, tg = sum(a[1] for a in res.areas), sum(a[2] for a in res.areas)
+        out += [f"| **total** | {tb:,.0f} | {tg:,.0f} | {tg - tb:+,.0f} |", ""]
     return "\n".join(out)
 
 

@@ -80,7 +80,10 @@ def _access_log_to_null() -> Any:
             root.setLevel(saved[1])
 
 
-async def measure(settings: Settings, cookie: str, backend_url: str, quick: bool) -> list[Piece]:
+async def measure(
+    settings: Settings, cookie: str, backend_url: str, quick: bool
+) -> tuple[list[Piece], list[tuple[str, float, float]]]:
+    """The per-piece rows, and the profile of whole requests by area (bare, gateway)."""
     n = 200 if quick else 20_000
     n_io = 50 if quick else 3_000
     rows: list[Piece] = []
@@ -166,10 +169,11 @@ async def measure(settings: Settings, cookie: str, backend_url: str, quick: bool
                 forwarded_host=t.forwarded_host, host=None, keep_content_length=False), n),
             "`headers.upstream_headers`: strip, own-cookie filter, X-Forwarded-*, identity")  # fmt: skip
         with _access_log_to_null():
-            rows.extend(await _whole_requests(settings, cookie, backend_url, n_io))
+            whole, areas = await _whole_requests(settings, cookie, backend_url, n_io)
+            rows.extend(whole)
     finally:
         await store.close()
-    return rows
+    return rows, areas
 
 
 def _request_id(headers: CIMultiDictProxy[str]) -> str:
@@ -192,7 +196,7 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
 
 async def _whole_requests(
     settings: Settings, cookie: str, backend_url: str, number: int
-) -> list[Piece]:
+) -> tuple[list[Piece], list[tuple[str, float, float]]]:
     """One request at a time through each proxy, served in this process, from a client in
     this process: the difference is what the gateway adds to one request, all pieces in."""
     bare, bare_url = await _serve(bare_app(backend_url))
@@ -212,6 +216,8 @@ async def _whole_requests(
             await asyncio.gather(get(bare_url + "/", {}), get(gw_url + "/", cookie_header))
             b = await abest(lambda: get(bare_url + "/", {}), number)
             g = await abest(lambda: get(gw_url + "/", cookie_header), number)
+            areas_bare = await profile_areas(lambda: get(bare_url + "/", {}), number)
+            areas_gw = await profile_areas(lambda: get(gw_url + "/", cookie_header), number)
     finally:
         await gw.cleanup()
         await bare.cleanup()
@@ -220,4 +226,45 @@ async def _whole_requests(
     rows.append(Piece("whole request via the gateway (in-process)", g,
                       "client → gateway (Redis, JSON access log, metrics) → nginx → back, one at a time"))  # fmt: skip
     rows.append(Piece("gateway minus bare proxy", g - b, "what the gateway adds to one request"))
-    return rows
+    areas = [(a, areas_bare.get(a, 0.0), areas_gw.get(a, 0.0)) for a in AREAS]
+    return rows, areas
+
+
+# Where a profiled function lives → the part of the stack it belongs to (first match wins).
+_AREA_OF = (
+    ("/gateway/", "gateway's own code"),
+    ("pythonjsonlogger", "logging (access log)"),
+    ("/logging/", "logging (access log)"),
+    ("prometheus_client", "metrics (prometheus-client)"),
+    ("/redis/", "redis-py (store load)"),
+    ("AESGCM", "AES-GCM (cryptography)"),
+    ("/cryptography/", "AES-GCM (cryptography)"),
+    ("/json/", "json"),
+    ("/aiohttp/", "aiohttp, multidict, yarl (server and client)"),
+    ("/multidict/", "aiohttp, multidict, yarl (server and client)"),
+    ("/yarl/", "aiohttp, multidict, yarl (server and client)"),
+    ("/asyncio/", "asyncio / uvloop"),
+    ("uvloop", "asyncio / uvloop"),
+)
+AREAS = (*dict.fromkeys(area for _, area in _AREA_OF), "everything else")
+
+
+async def profile_areas(fn: Callable[[], Awaitable[object]], number: int) -> dict[str, float]:
+    """Profiled time per request (µs), by the part of the stack each function belongs to.
+    The client's share is in it for both proxies alike; the profiler inflates Python code
+    more than C code, so read the columns against each other, not as absolute costs."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(number):
+        await fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    out: dict[str, float] = {}
+    for (filename, _, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{filename} {name}"
+        area = next((a for needle, a in _AREA_OF if needle in where), "everything else")
+        out[area] = out.get(area, 0.0) + row[2] / number * 1e6  # tottime
+    return out
