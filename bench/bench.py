@@ -364,14 +364,15 @@ def start_stack(procs: Procs, workdir: Path, workers: int) -> Stack:
 
 
 def uses_uvloop(pids: list[int]) -> bool:
-    """Whether every one of these processes has uvloop's extension mapped (its loop in use)."""
+    """Whether every one of these processes runs a libuv loop: libuv wakes its loop through
+    an eventfd, asyncio's own loop through a socket pair."""
     found = []
     for pid in pids:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
-        except OSError:
-            continue
-        found.append("uvloop" in maps)
+        kinds = set()
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                kinds.add(os.readlink(fd))
+        found.append("anon_inode:[eventfd]" in kinds)
     return bool(found) and all(found)
 
 
@@ -655,6 +656,7 @@ class Results:
     memory: list[tuple[str, str, str]] = field(default_factory=list)
     pieces: list[Any] = field(default_factory=list)
     areas: list[tuple[str, float, float]] = field(default_factory=list)
+    top: list[tuple[str, str, float]] = field(default_factory=list)
     load_before: str = ""
     load_after: str = ""
     seconds: float = 0.0
@@ -718,7 +720,7 @@ async def run(opts: Options, procs: Procs, workdir: Path, res: Results) -> None:
     log("per-request pieces, in-process")
     from bench.pieces import measure
 
-    res.pieces, res.areas = await measure(settings, cookie, stack.backend_url, opts.quick)
+    res.pieces, res.areas, res.top = await measure(settings, cookie, stack.backend_url, opts.quick)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -757,7 +759,7 @@ def describe(res: Results) -> None:
         "redis-py": _r.__version__,
         "redis-server": _version(["redis-server", "--version"], r"v=([\d.]+)"),
         "nginx": _version([nginx_binary() or "nginx", "-v"], r"nginx/([\d.]+)"),
-        "wrk": _version(["wrk", "-v"], r"wrk ([\d.]+\S*)"), "gateway commit": commit,
+        "wrk": _version(["wrk", "-v"], r"wrk (?:debian/)?([\d.]+)"), "gateway commit": commit,
     }  # fmt: skip
 
 
@@ -770,7 +772,15 @@ def render(res: Results) -> str:
     out = ["# Benchmark results", ""]
     if o.note:
         out += [f"> {o.note}", ""]
-    cmd = "bench/run " + " ".join(sys.argv[1:]).replace(str(o.output), "RESULTS.md")
+    cmd = (
+        "bench/run"
+        + ("" if not o.quick else " --quick")
+        + (
+            f" --duration {o.duration} --rounds {o.rounds} --workers {o.workers}"
+            f" --sessions {','.join(map(str, o.sessions))} --connections {o.connections}"
+            f" --logins {o.logins} --idle {o.idle}"
+        )
+    )
     out += [f"Run {res.started} with `{cmd.strip()}` in {res.seconds:.0f} s. "
             f"Load average before: {res.load_before}; after: {res.load_after}.", ""]  # fmt: skip
     out += ["## Machine", "", "| " + " | ".join(res.machine) + " |", "|" + "---|" * len(res.machine),
@@ -861,6 +871,12 @@ def render(res: Results) -> str:
             out.append(f"| {area} | {b:,.0f} | {g:,.0f} | {g - b:+,.0f} |")
         tb, tg = sum(a[1] for a in res.areas), sum(a[2] for a in res.areas)
         out += [f"| **total** | {tb:,.0f} | {tg:,.0f} | {tg - tb:+,.0f} |", ""]
+    if res.top:
+        out += ["The functions with the most own time in the gateway's requests (profiled as above; "
+                "the client's functions are among them):", "",
+                "| function | part | µs/request |", "|---|---|---|"]  # fmt: skip
+        out += [f"| {f} | {a} | {m:,.1f} |" for f, a, m in res.top]
+        out.append("")
     return "\n".join(out)
 
 

@@ -15,6 +15,7 @@ import time
 import timeit
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -82,10 +83,11 @@ def _access_log_to_null() -> Any:
 
 async def measure(
     settings: Settings, cookie: str, backend_url: str, quick: bool
-) -> tuple[list[Piece], list[tuple[str, float, float]]]:
-    """The per-piece rows, and the profile of whole requests by area (bare, gateway)."""
-    n = 200 if quick else 20_000
-    n_io = 50 if quick else 3_000
+) -> tuple[list[Piece], list[tuple[str, float, float]], list[tuple[str, str, float]]]:
+    """The per-piece rows, the profile of whole requests by area (bare, gateway), and the
+    functions with the most own time in the gateway's requests."""
+    n = 200 if quick else 3_000
+    n_io = 50 if quick else 600
     rows: list[Piece] = []
 
     def add(name: str, micros: float, covers: str) -> None:
@@ -169,11 +171,11 @@ async def measure(
                 forwarded_host=t.forwarded_host, host=None, keep_content_length=False), n),
             "`headers.upstream_headers`: strip, own-cookie filter, X-Forwarded-*, identity")  # fmt: skip
         with _access_log_to_null():
-            whole, areas = await _whole_requests(settings, cookie, backend_url, n_io)
+            whole, areas, top = await _whole_requests(settings, cookie, backend_url, n_io)
             rows.extend(whole)
     finally:
         await store.close()
-    return rows, areas
+    return rows, areas, top
 
 
 def _request_id(headers: CIMultiDictProxy[str]) -> str:
@@ -196,7 +198,7 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
 
 async def _whole_requests(
     settings: Settings, cookie: str, backend_url: str, number: int
-) -> tuple[list[Piece], list[tuple[str, float, float]]]:
+) -> tuple[list[Piece], list[tuple[str, float, float]], list[tuple[str, str, float]]]:
     """One request at a time through each proxy, served in this process, from a client in
     this process: the difference is what the gateway adds to one request, all pieces in."""
     bare, bare_url = await _serve(bare_app(backend_url))
@@ -217,7 +219,8 @@ async def _whole_requests(
             b = await abest(lambda: get(bare_url + "/", {}), number)
             g = await abest(lambda: get(gw_url + "/", cookie_header), number)
             areas_bare = await profile_areas(lambda: get(bare_url + "/", {}), number)
-            areas_gw = await profile_areas(lambda: get(gw_url + "/", cookie_header), number)
+            top: list[tuple[str, str, float]] = []
+            areas_gw = await profile_areas(lambda: get(gw_url + "/", cookie_header), number, top)
     finally:
         await gw.cleanup()
         await bare.cleanup()
@@ -227,7 +230,7 @@ async def _whole_requests(
                       "client → gateway (Redis, JSON access log, metrics) → nginx → back, one at a time"))  # fmt: skip
     rows.append(Piece("gateway minus bare proxy", g - b, "what the gateway adds to one request"))
     areas = [(a, areas_bare.get(a, 0.0), areas_gw.get(a, 0.0)) for a in AREAS]
-    return rows, areas
+    return rows, areas, top
 
 
 # Where a profiled function lives → the part of the stack it belongs to (first match wins).
@@ -247,9 +250,15 @@ _AREA_OF = (
     ("uvloop", "asyncio / uvloop"),
 )
 AREAS = (*dict.fromkeys(area for _, area in _AREA_OF), "everything else")
+TOP = 15
+_REPO = str(Path(__file__).resolve().parents[1]) + "/"
 
 
-async def profile_areas(fn: Callable[[], Awaitable[object]], number: int) -> dict[str, float]:
+async def profile_areas(
+    fn: Callable[[], Awaitable[object]],
+    number: int,
+    top: list[tuple[str, str, float]] | None = None,
+) -> dict[str, float]:
     """Profiled time per request (µs), by the part of the stack each function belongs to.
     The client's share is in it for both proxies alike; the profiler inflates Python code
     more than C code, so read the columns against each other, not as absolute costs."""
@@ -263,8 +272,15 @@ async def profile_areas(fn: Callable[[], Awaitable[object]], number: int) -> dic
     profiler.disable()
     stats = pstats.Stats(profiler)
     out: dict[str, float] = {}
-    for (filename, _, name), row in stats.stats.items():  # type: ignore[attr-defined]
+    functions = []
+    for (filename, line, name), row in stats.stats.items():  # type: ignore[attr-defined]
         where = f"{filename} {name}"
         area = next((a for needle, a in _AREA_OF if needle in where), "everything else")
-        out[area] = out.get(area, 0.0) + row[2] / number * 1e6  # tottime
+        micros = row[2] / number * 1e6  # tottime: the function's own time
+        out[area] = out.get(area, 0.0) + micros
+        short = filename.split("site-packages/")[-1].split("/lib/python3")[-1]
+        short = short.replace(_REPO, "")
+        functions.append((f"`{short}:{line} {name}`" if line else f"`{name}`", area, micros))
+    if top is not None:
+        top.extend(sorted(functions, key=lambda f: f[2], reverse=True)[:TOP])
     return out
