@@ -427,6 +427,7 @@ class Round:
     p99_ms: float
     requests: int
     errors: str
+    cpu_us: float  # the proxy's own CPU time (all its processes) per request of the round
 
 
 def _latency(text: str, pct: str) -> float:
@@ -458,7 +459,13 @@ def parse_wrk(text: str) -> tuple[float, float, float, int, str]:
 
 
 def wrk(
-    procs: Procs, opts: Options, label: str, target: str, url: str, headers: dict[str, str]
+    procs: Procs,
+    opts: Options,
+    label: str,
+    target: str,
+    url: str,
+    headers: dict[str, str],
+    pids: list[int],
 ) -> Round:
     # Before and after: the target answers 200 with the backend's body (a gateway round with a
     # dead cookie would be a round of fast redirects, which wrk counts as successes).
@@ -468,21 +475,31 @@ def wrk(
             "--timeout", "5s", "--latency"]  # fmt: skip
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
+    cpu0 = cpu_seconds(pids)
     out = procs.run(
         f"wrk-{label}-{target}".replace(" ", "_"), [*argv, url], timeout=opts.duration + 60
     )
+    cpu = cpu_seconds(pids) - cpu0
     if not answers(url, headers):
         raise RuntimeError(f"{target} does not answer 200 at {url} after the round")
     rps, p50, p99, total, errors = parse_wrk(out)
-    log(f"{label:>10} {target:<8} {rps:10.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms {errors}")
-    return Round(label, target, rps, p50, p99, total, errors)
+    cpu_us = cpu / max(1, total) * 1e6
+    log(f"{label:>10} {target:<8} {rps:10.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
+        f"{cpu_us:.0f} µs CPU/request {errors}")  # fmt: skip
+    return Round(label, target, rps, p50, p99, total, errors, cpu_us)
 
 
 def pair(procs: Procs, opts: Options, stack: Stack, label: str, cookie: str) -> list[Round]:
     return [
-        wrk(procs, opts, label, "bare", stack.bare_url + "/", {}),
+        wrk(procs, opts, label, "bare", stack.bare_url + "/", {}, stack.bare_pids()),
         wrk(
-            procs, opts, label, "gateway", stack.gateway_url + "/", {"Cookie": f"{COOKIE}={cookie}"}
+            procs,
+            opts,
+            label,
+            "gateway",
+            stack.gateway_url + "/",
+            {"Cookie": f"{COOKIE}={cookie}"},
+            stack.gateway_pids(),
         ),
     ]
 
@@ -803,21 +820,32 @@ def render(res: Results) -> str:
             _median(res.rounds, "bare", "p50_ms"),
             _median(res.rounds, "gateway", "p50_ms"),
         )
-        out += ["| target | req/s (median) | p50 ms | p99 ms | gateway ÷ bare |", "|---|---|---|---|---|",
-                f"| bare aiohttp proxy | {b_rps:,.0f} | {b_p50:.2f} | {b_p99:.2f} | 1.00 |",
-                f"| gateway, valid session | {g_rps:,.0f} | {g_p50:.2f} | {g_p99:.2f} | "
-                f"**{g_rps / b_rps:.2f}** (p99 {g_p99 / b_p99:.2f}x) |", "",
-                "Every round:", "", "| round | target | req/s | p50 ms | p99 ms | requests | errors |",
-                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        b_cpu, g_cpu = (
+            _median(res.rounds, "bare", "cpu_us"),
+            _median(res.rounds, "gateway", "cpu_us"),
+        )
+        out += ["| target | req/s (median) | p50 ms | p99 ms | CPU µs/request | gateway ÷ bare |",
+                "|---|---|---|---|---|---|",
+                f"| bare aiohttp proxy | {b_rps:,.0f} | {b_p50:.2f} | {b_p99:.2f} | {b_cpu:,.0f} | 1.00 |",
+                f"| gateway, valid session | {g_rps:,.0f} | {g_p50:.2f} | {g_p99:.2f} | {g_cpu:,.0f} | "
+                f"**{g_rps / b_rps:.2f}** (p99 {g_p99 / b_p99:.2f}x, CPU per request {g_cpu / b_cpu:.2f}x) |", "",
+                "*CPU µs/request*: utime+stime of all the proxy's processes over the round, divided by "
+                "its requests. Unlike req/s it does not depend on how much CPU other processes left "
+                f"free; bare ÷ gateway CPU per request ({b_cpu / g_cpu:.2f} here) is the throughput "
+                "ratio to expect on a quiet machine where both are CPU-bound.", "",
+                "Every round:", "",
+                "| round | target | req/s | p50 ms | p99 ms | CPU µs/request | requests | errors |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         out += [f"| {r.label} | {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                f"{r.requests:,} | {r.errors or 'none'} |" for r in res.rounds]  # fmt: skip
+                f"{r.cpu_us:,.0f} | {r.requests:,} | {r.errors or 'none'} |" for r in res.rounds]  # fmt: skip
         out.append("")
 
     out += ["## Stored sessions", "", "Redis filled with genuine sealed records (random ids, the "
             "logged-in session's size), then one bare and one gateway round.", "",
             "| sessions in Redis | bare req/s | gateway req/s | gateway ÷ bare | gateway p99 ms | "
+            "gateway CPU µs/request | "
             "fill time | Redis bytes per session (INFO delta) | MEMORY USAGE of one session's keys |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in res.stored:
         bare, gw = row["rounds"]
         usage = row.get("usage")
@@ -834,7 +862,7 @@ def render(res: Results) -> str:
         )
         per = f"{row['bytes_per_session']:,.0f}" if "bytes_per_session" in row else "-"
         out.append(f"| {row['sessions']:,} | {bare.rps:,.0f} | {gw.rps:,.0f} | {gw.rps / bare.rps:.2f} | "
-                   f"{gw.p99_ms:.2f} | {fill_text} | {per} | {usage_text} |")  # fmt: skip
+                   f"{gw.p99_ms:.2f} | {gw.cpu_us:,.0f} | {fill_text} | {per} | {usage_text} |")  # fmt: skip
     out.append("")
 
     lg = res.logins
