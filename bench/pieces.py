@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 import timeit
 from collections.abc import Awaitable, Callable
@@ -278,7 +279,7 @@ async def profile_areas(
         area = next((a for needle, a in _AREA_OF if needle in where), "everything else")
         micros = row[2] / number * 1e6  # tottime: the function's own time
         out[area] = out.get(area, 0.0) + micros
-        short = filename.split("site-packages/")[-1].split("/lib/python3")[-1]
+        short = re.split(r"site-packages/|/lib/python3\.\d+/", filename)[-1]
         short = short.replace(_REPO, "")
         functions.append((f"`{short}:{line} {name}`" if line else f"`{name}`", area, micros))
     if top is not None:
