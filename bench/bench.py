@@ -861,7 +861,7 @@ def render(res: Results) -> str:
             else "-"
         )
         per = f"{row['bytes_per_session']:,.0f}" if "bytes_per_session" in row else "-"
-        out.append(f"| {row['sessions']:,} | {bare.rps:,.0f} | {gw.rps:,.0f} | {gw.rps / bare.rps:.2f} | "
+        out.append(f"| {row['actual']:,} | {bare.rps:,.0f} | {gw.rps:,.0f} | {gw.rps / bare.rps:.2f} | "
                    f"{gw.p99_ms:.2f} | {gw.cpu_us:,.0f} | {fill_text} | {per} | {usage_text} |")  # fmt: skip
     out.append("")
 
