@@ -85,12 +85,12 @@ class _Client:
         return None
 
 
-def _resp(args: tuple[Any, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
+def _resp(args: tuple[Any, ...], out: list[bytes]) -> None:
+    """Append one command in RESP (the values are not copied into a formatted string)."""
+    out.append(b"*%d\r\n" % len(args))
     for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(parts)
+        b = a if type(a) is bytes else str(a).encode()
+        out += (b"$%d\r\n" % len(b), b, b"\r\n")
 
 
 def _run(coro: Any) -> None:
@@ -147,7 +147,10 @@ def main(template_file: str, port: int, prefix: str, first: int, count: int) -> 
                         "ticket": [ticket.session_id.hex(), ticket.key.hex()],
                         "sub": sub,
                     }
-            cli.stdin.write(b"".join(_resp(c) for c in client.pipe.commands))
+            wire: list[bytes] = []
+            for command in client.pipe.commands:
+                _resp(command, wire)
+            cli.stdin.write(b"".join(wire))
             client.pipe.commands.clear()
         cli.stdin.close()
         out = cli.stdout.read().decode(errors="replace")
