@@ -158,7 +158,7 @@ async def measure(
         def target() -> ProxyTarget:
             return ProxyTarget(
                 upstream=gate.upstreams[route.index], path="/", query_string="", inject=inject,
-                strip=gate.strip, strip_cookies=frozenset({settings.session.cookie_name}),
+                strip=gate.strip, own_cookies=gate.own_cookies,
                 forwarded_for="127.0.0.1", forwarded_proto="http", forwarded_host=host,
             )  # fmt: skip
 
@@ -167,7 +167,7 @@ async def measure(
         t = target()
         add("upstream request headers",
             best(lambda: upstream_headers(
-                headers, strip=t.strip, inject=t.inject, strip_cookies=t.strip_cookies,
+                headers, strip=t.strip, inject=t.inject, own_cookies=t.own_cookies,
                 forwarded_for=t.forwarded_for, forwarded_proto=t.forwarded_proto,
                 forwarded_host=t.forwarded_host, host=None, keep_content_length=False), n),
             "`headers.upstream_headers`: strip, own-cookie filter, X-Forwarded-*, identity")  # fmt: skip
