@@ -21,6 +21,10 @@
 //                      unless the authorization request has prompt=consent. true adds
 //                      prompt=consent to GET /auth requests that ask for offline_access
 //                      and carry no prompt, like IdPs that issue refresh tokens anyway.
+//   par                "enabled" (default, as oidc-provider ships: a pushed authorization
+//                      request endpoint), "required" (require_pushed_authorization_requests:
+//                      plain authorization requests are refused) or "off" (no PAR endpoint).
+//                      Clients may register for private_key_jwt with an inline `jwks`.
 //
 // When listening it prints exactly one line on stdout:
 //   {"issuer": "http://127.0.0.1:PORT", "port": PORT}
@@ -60,6 +64,10 @@ if (!['opaque', 'jwt'].includes(cfg.access_token_format ?? 'opaque')) {
   fail('access_token_format must be "opaque" or "jwt"');
 }
 const audience = cfg.access_token_audience ?? 'urn:gateway:interop:api';
+const parMode = cfg.par ?? 'enabled';
+if (!['off', 'enabled', 'required'].includes(parMode)) {
+  fail('par must be "off", "enabled" or "required"');
+}
 
 const clients = (cfg.clients ?? []).map((client) => ({
   grant_types: ['authorization_code', 'refresh_token'],
@@ -163,6 +171,10 @@ const provider = new Provider(issuer, {
     backchannelLogout: { enabled: true },
     rpInitiatedLogout: { enabled: true, logoutSource },
     resourceIndicators,
+    pushedAuthorizationRequests: {
+      enabled: parMode !== 'off',
+      requirePushedAuthorizationRequests: parMode === 'required',
+    },
   },
   // Refresh tokens for code grants that asked for offline_access; rotate on every use.
   issueRefreshToken: async (ctx, client, code) => client.grantTypeAllowed('refresh_token')
