@@ -184,6 +184,9 @@ class ProviderSettings(_Model):
     # published by ``gateway client-jwks`` (rotation). One string or a list.
     client_private_key: ClientKeys | None = None
     client_signing_alg: str | None = None
+    # The assertion's aud: the issuer (RFC 7523), the token endpoint URL, or the URL of the
+    # endpoint each assertion is sent to (some providers insist on one of the latter).
+    client_assertion_audience: Literal["issuer", "token_endpoint", "endpoint"] = "issuer"
     # Pushed authorization requests (RFC 9126): auto follows the provider's metadata.
     par: Literal["auto", "required", "off"] = "auto"
     pushed_authorization_request_endpoint: str | None = None

@@ -21,7 +21,13 @@ from gateway.cli import main as cli_main
 from gateway.config import ConfigError, redacted, validate
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
 from gateway.echo import start_echo
-from gateway.oidc.client_auth import ASSERTION_TYPE, ClientAssertions, ClientKey, jwk_thumbprint
+from gateway.oidc.client_auth import (
+    ASSERTION_TYPE,
+    ClientAssertions,
+    ClientKey,
+    audience,
+    jwk_thumbprint,
+)
 from tests.conftest import CLIENT_ID, StackFactory, free_port
 from tests.idp_client import FormParser, http_login
 
@@ -131,6 +137,15 @@ def test_the_configured_alg_signs() -> None:
     assert signer is not None
     assert jwt.get_unverified_header(signer.sign(ISSUER))["alg"] == "PS256"
     assert signer.jwks()["keys"][0]["alg"] == "PS256"
+
+
+def test_the_audience_follows_client_assertion_audience() -> None:
+    urls = {"issuer": ISSUER, "token_endpoint": ISSUER + "/token", "endpoint": ISSUER + "/revoke"}
+    assert audience("issuer", **urls) == ISSUER
+    assert audience("token_endpoint", **urls) == ISSUER + "/token"
+    assert audience("endpoint", **urls) == ISSUER + "/revoke"
+    # A provider configured without an issuer: its token endpoint names it (RFC 7523 §3).
+    assert audience("issuer", **{**urls, "issuer": ""}) == ISSUER + "/token"
 
 
 # -- gateway client-jwks ---------------------------------------------------------------------
@@ -281,8 +296,9 @@ async def closing() -> Any:
 API = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
 
 
+@pytest.mark.parametrize("aud", ["issuer", "endpoint"])
 async def test_login_refresh_introspection_and_sign_out_authenticate_with_assertions(
-    make_stack: StackFactory, browser: aiohttp.ClientSession, closing: list[Any]
+    make_stack: StackFactory, browser: aiohttp.ClientSession, closing: list[Any], aud: str
 ) -> None:
     pems = [ec_pem(), rsa_pem()]  # the first signs; the second (e.g. the previous) is published
     signing, previous = ClientKey.from_pem(pems[0]), ClientKey.from_pem(pems[1])
@@ -295,6 +311,7 @@ async def test_login_refresh_introspection_and_sign_out_authenticate_with_assert
         port=free_port(),
         echo=echo,
         idp_config={"access_token_format": "opaque"},
+        provider={"client_assertion_audience": aud},
         session={"refresh_skew": "1h"},  # every request refreshes
         routes=[{"prefix": "/", "upstream": str(echo.url), "accept_bearer": True}],
     )
@@ -336,9 +353,15 @@ async def test_login_refresh_introspection_and_sign_out_authenticate_with_assert
     for a in made:
         claims = a["claims"]
         assert claims["iss"] == claims["sub"] == CLIENT_ID
-        assert claims["aud"] == stack.idp.issuer
         assert claims["exp"] - claims["iat"] == 60
     assert len({a["claims"]["jti"] for a in made}) == 6
+    issuer = stack.idp.issuer
+    if aud == "issuer":
+        assert [a["claims"]["aud"] for a in made] == [issuer] * 6
+    else:  # the URL each assertion was sent to
+        assert [a["claims"]["aud"].removeprefix(issuer) for a in made] == [
+            "/token", "/token", "/token", "/introspect", "/revoke", "/revoke",
+        ]  # fmt: skip
 
 
 # -- the dev provider's checks ---------------------------------------------------------------

@@ -56,16 +56,26 @@ class World:
     the port the gateway will listen on."""
 
     def __init__(
-        self, idp: InteropIdp, echo: RunningEcho, port: int, redis: RedisServer, method: str
+        self,
+        idp: InteropIdp,
+        echo: RunningEcho,
+        port: int,
+        redis: RedisServer,
+        method: str,
+        audience: str,
     ) -> None:
         self.idp, self.echo, self.port, self.redis = idp, echo, port, redis
-        self.method = method
+        self.method, self.audience = method, audience
         self.url = f"http://127.0.0.1:{port}"
 
     def provider(self) -> dict[str, Any]:
         """The gateway's provider keys for the registered client."""
         if self.method == "private_key_jwt":
-            return {"client_auth_method": "private_key_jwt", "client_private_key": KEYS}
+            return {
+                "client_auth_method": "private_key_jwt",
+                "client_private_key": KEYS,
+                "client_assertion_audience": self.audience,
+            }
         return {"client_auth_method": self.method, "client_secret": SECRET}
 
     def config(self, provider: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +115,7 @@ def registration(url: str, method: str) -> dict[str, Any]:
 async def world(redis_server: RedisServer, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     if not interop_available():
         pytest.fail(f"interop OpenID provider is not installed: {INSTALL_HINT}")
-    par, method = request.param
+    par, method, audience = request.param
     port = free_port()
     idp = await start_interop_idp(
         {
@@ -117,7 +127,7 @@ async def world(redis_server: RedisServer, request: pytest.FixtureRequest) -> As
     try:
         echo = await start_echo()
         try:
-            yield World(idp, echo, port, redis_server, method)
+            yield World(idp, echo, port, redis_server, method, audience)
         finally:
             await echo.close()
     finally:
@@ -191,11 +201,17 @@ async def journey(world: World, *, pushed: bool) -> None:
 @pytest.mark.parametrize(
     ("world", "pushed"),
     [
-        (("enabled", "private_key_jwt"), True),
-        (("off", "private_key_jwt"), False),
-        (("required", "client_secret_basic"), True),
+        (("enabled", "private_key_jwt", "issuer"), True),
+        (("enabled", "private_key_jwt", "endpoint"), True),
+        (("off", "private_key_jwt", "token_endpoint"), False),
+        (("required", "client_secret_basic", "issuer"), True),
     ],
-    ids=["private_key_jwt+par", "private_key_jwt-no-par", "secret+par-required"],
+    ids=[
+        "private_key_jwt+par",
+        "private_key_jwt+par-aud-endpoint",
+        "private_key_jwt-no-par-aud-token-endpoint",
+        "secret+par-required",
+    ],
     indirect=["world"],
 )
 async def test_login_refresh_introspection_sign_out(world: World, pushed: bool) -> None:
@@ -206,7 +222,7 @@ async def test_login_refresh_introspection_sign_out(world: World, pushed: bool) 
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("world", [("enabled", "private_key_jwt")], indirect=True)
+@pytest.mark.parametrize("world", [("enabled", "private_key_jwt", "issuer")], indirect=True)
 async def test_gateway_run_with_a_key_file(world: World, tmp_path: Path) -> None:
     key_file = tmp_path / "client.pem"
     key_file.write_text(KEYS[0])

@@ -3,8 +3,8 @@
 A client registered with ``token_endpoint_auth_method="private_key_jwt"`` and an inline JWK
 Set (``ClientRegistration.jwks``) authenticates with a JWT it signed: the signature must
 verify with a registered key (found by ``kid``), ``iss`` and ``sub`` must be the client_id,
-``aud`` the issuer (or, as RFC 7523 §3 and RFC 9126 §2 allow, the token or PAR endpoint
-URL), ``exp`` must lie ahead (and not too far), and a ``jti`` is accepted once. Every
+``aud`` the issuer (or, as RFC 7523 §3 and RFC 9126 §2 allow, the token endpoint URL or
+that of the endpoint called), ``exp`` must lie ahead (and not too far), and a ``jti`` is accepted once. Every
 accepted assertion is recorded (``state.client_assertions``) so tests can read what a
 client sent.
 """
@@ -25,6 +25,9 @@ from .state import IdpState
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256")
 MAX_LIFETIME = 300  # an assertion valid for longer than this is refused
+# Endpoints whose URL is also an acceptable ``aud`` (RFC 7523 §3: the token endpoint; RFC
+# 9126 §2: the PAR endpoint; like oidc-provider, the endpoint called, too).
+_ENDPOINTS = ("token", "par", "revoke", "introspect")
 
 
 def _refuse(description: str) -> OAuthError:
@@ -72,7 +75,7 @@ def authenticate(state: IdpState, form: Mapping[str, str]) -> ClientRegistration
             token,
             _public_key(keys[0]),
             algorithms=[alg],
-            audience=[issuer, f"{issuer}/token", f"{issuer}/par"],
+            audience=[issuer, *(f"{issuer}/{path}" for path in _ENDPOINTS)],
             issuer=client.client_id,
             # The provider's own (injectable) clock judges exp, below.
             options={"require": ["exp", "jti", "sub"], "verify_exp": False, "verify_iat": False},

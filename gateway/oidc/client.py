@@ -22,7 +22,7 @@ import aiohttp
 from gateway.config import ProviderSettings
 from gateway.errors import OAuthError, ProviderTransportError
 from gateway.oidc import par
-from gateway.oidc.client_auth import ClientAssertions
+from gateway.oidc.client_auth import ClientAssertions, audience
 from gateway.oidc.jwks import JwksCache
 from gateway.oidc.metadata import ProviderMetadata
 from gateway.oidc.validate import IdTokenValidator
@@ -234,7 +234,7 @@ class ProviderClient:
 
     # -- back channel ----------------------------------------------------------------------
 
-    def _auth(self, form: dict[str, str]) -> dict[str, str]:
+    def _auth(self, form: dict[str, str], url: str = "") -> dict[str, str]:
         s = self.settings
         method = s.effective_auth_method
         headers = {"Accept": "application/json"}
@@ -247,22 +247,23 @@ class ProviderClient:
             form["client_id"] = s.client_id
             form["client_secret"] = secret
         elif self.assertions is not None:
-            # RFC 7523 §3 point 3: the provider's issuer names it as the audience.
-            audience = (self._meta.issuer if self._meta else "") or s.issuer
-            form.update(self.assertions.form(audience or self._token_endpoint()))
+            form.update(self.assertions.form(self._assertion_audience(url)))
         else:
             form["client_id"] = s.client_id
         return headers
 
-    def _token_endpoint(self) -> str:
-        """A provider without an issuer (endpoints configured): its token endpoint is the
-        audience RFC 7523 §3 allows instead."""
-        return (self._meta.token_endpoint if self._meta else "") or (
-            self.settings.token_endpoint or ""
+    def _assertion_audience(self, url: str) -> str:
+        """The ``aud`` of a client assertion sent to ``url`` (``client_assertion_audience``)."""
+        meta, s = self._meta, self.settings
+        return audience(
+            s.client_assertion_audience,
+            issuer=(meta.issuer if meta else "") or s.issuer or "",
+            token_endpoint=(meta.token_endpoint if meta else "") or s.token_endpoint or "",
+            endpoint=url,
         )
 
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
-        headers = self._auth(form)
+        headers = self._auth(form, url)
         try:
             async with self._http.post(
                 url, data=form, headers=headers, allow_redirects=False

@@ -30,7 +30,14 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from gateway.config import CLIENT_KEY_ALGS, ProviderSettings
 from gateway.crypto import b64u_encode
 
-__all__ = ["ASSERTION_TYPE", "LIFETIME", "ClientAssertions", "ClientKey", "jwk_thumbprint"]
+__all__ = [
+    "ASSERTION_TYPE",
+    "LIFETIME",
+    "ClientAssertions",
+    "ClientKey",
+    "audience",
+    "jwk_thumbprint",
+]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 LIFETIME = 60  # seconds between iat and exp
@@ -44,6 +51,18 @@ def jwk_thumbprint(public_jwk: dict[str, Any]) -> str:
     required = {k: public_jwk[k] for k in _REQUIRED[public_jwk["kty"]]}
     canonical = json.dumps(required, separators=(",", ":"), sort_keys=True)
     return b64u_encode(hashlib.sha256(canonical.encode()).digest())
+
+
+def audience(mode: str, *, issuer: str, token_endpoint: str, endpoint: str) -> str:
+    """The assertion's ``aud`` (``client_assertion_audience``): the issuer by default (RFC
+    7523 §3 point 3; a provider configured without one: its token endpoint), the token
+    endpoint URL (OIDC Core §9 "SHOULD", Microsoft Entra ID), or the URL of the endpoint
+    being called (Okta)."""
+    if mode == "endpoint" and endpoint:
+        return endpoint
+    if mode == "token_endpoint":
+        return token_endpoint
+    return issuer or token_endpoint
 
 
 @dataclass(frozen=True)
