@@ -148,6 +148,49 @@ def _client_keys(v: Any) -> Any:
 
 
 ClientKeys = Annotated[tuple[SecretStr, ...], BeforeValidator(_client_keys)]
+_CERT_HELP = "must be an X.509 certificate in PEM (inline, or the path of a PEM file)"
+
+
+def _client_certs(v: Any) -> Any:
+    """One certificate (PEM path or inline) or a list of them → the PEM texts, each parsed."""
+    from cryptography.x509 import load_pem_x509_certificate
+
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError("must be a PEM file path or inline PEM, or a list of them")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            pem = _pem_text(item, _CERT_HELP, "certificate file")
+            try:
+                load_pem_x509_certificate(pem.encode())
+            except ValueError:
+                raise ValueError(_CERT_HELP) from None
+        except ValueError as exc:
+            if len(items) == 1:
+                raise
+            raise ValueError(f"certificate {i + 1} of {len(items)}: {exc}") from None
+        out.append(pem)
+    return tuple(out)
+
+
+ClientCerts = Annotated[tuple[str, ...], BeforeValidator(_client_certs)]
+
+
+def public_key_der(pem: str) -> bytes:
+    """The SubjectPublicKeyInfo of a private key or a certificate in PEM (to pair them)."""
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_private_key,
+    )
+    from cryptography.x509 import load_pem_x509_certificate
+
+    if "CERTIFICATE-----" in pem:
+        cert_key = load_pem_x509_certificate(pem.encode()).public_key()
+        return cert_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    private = load_pem_private_key(pem.encode(), password=None)
+    return private.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def _client_key_problems(p: ProviderSettings) -> list[str]:
@@ -160,6 +203,14 @@ def _client_key_problems(p: ProviderSettings) -> list[str]:
     problems = []
     if p.client_secret is not None:
         problems.append("@client_secret: not used with client_auth_method private_key_jwt")
+    if p.client_certificate is not None:
+        keys = {public_key_der(k.get_secret_value()) for k in p.client_private_key}
+        for i, cert in enumerate(p.client_certificate):
+            if public_key_der(cert) not in keys:
+                which = f" {i + 1}" if len(p.client_certificate) > 1 else ""
+                problems.append(
+                    f"@client_certificate: certificate{which} is not for any client_private_key"
+                )
     alg = p.client_signing_alg
     if alg is not None:
         for i, key in enumerate(p.client_private_key):
@@ -187,6 +238,9 @@ class ProviderSettings(_Model):
     # The assertion's aud: the issuer (RFC 7523), the token endpoint URL, or the URL of the
     # endpoint each assertion is sent to (some providers insist on one of the latter).
     client_assertion_audience: Literal["issuer", "token_endpoint", "endpoint"] = "issuer"
+    # X.509 certificates of client keys (Microsoft Entra ID): the signing key's thumbprint
+    # then travels in the assertion's header (x5t#S256, x5t).
+    client_certificate: ClientCerts | None = None
     # Pushed authorization requests (RFC 9126): auto follows the provider's metadata.
     par: Literal["auto", "required", "off"] = "auto"
     pushed_authorization_request_endpoint: str | None = None
@@ -218,11 +272,12 @@ class ProviderSettings(_Model):
             problems.extend(_client_key_problems(self))
         elif method != "none" and self.client_secret is None:
             problems.append(f"@client_secret: client_auth_method {method} needs client_secret")
-        elif self.client_private_key is not None:
-            problems.append(
-                f"@client_private_key: only used with client_auth_method private_key_jwt, "
-                f"not {method}"
-            )
+        else:
+            for key in ("client_private_key", "client_certificate"):
+                if getattr(self, key) is not None:
+                    problems.append(
+                        f"@{key}: only used with client_auth_method private_key_jwt, not {method}"
+                    )
         _raise_keyed(problems)
         return self
 
@@ -412,7 +467,7 @@ _KEY_HELP = (
 )
 
 
-def _pem_text(v: Any, help_text: str) -> str:
+def _pem_text(v: Any, help_text: str, what: str = "key file") -> str:
     """Inline PEM, or the PEM in the file a path names; the message never repeats the value."""
     raw = v.get_secret_value() if isinstance(v, SecretStr) else v
     if not isinstance(raw, str) or not raw.strip():
@@ -423,7 +478,7 @@ def _pem_text(v: Any, help_text: str) -> str:
         return Path(raw.strip()).read_text(encoding="utf-8")
     except OSError as exc:
         why = exc.strerror or "invalid path"
-        raise ValueError(f"cannot read the key file ({why})") from None
+        raise ValueError(f"cannot read the {what} ({why})") from None
     except UnicodeDecodeError:
         raise ValueError(help_text) from None
 
@@ -617,10 +672,22 @@ def redacted(settings: Settings) -> dict[str, Any]:
         data["provider"]["client_private_key"] = [
             "**********" for _ in settings.provider.client_private_key
         ]
+    if settings.provider.client_certificate is not None:
+        data["provider"]["client_certificate"] = [
+            _certificate_summary(c) for c in settings.provider.client_certificate
+        ]
     data["session"]["cookie_secrets"] = ["**********" for _ in settings.session.cookie_secrets]
     data["session"]["redis_url"] = _redact_url(settings.session.redis_url.get_secret_value())
     data["assertion"]["signing_keys"] = ["**********" for _ in settings.assertion.signing_keys]
     return data
+
+
+def _certificate_summary(pem: str) -> str:
+    """A certificate in check-config: its subject and expiry, not the whole PEM."""
+    from cryptography.x509 import load_pem_x509_certificate
+
+    cert = load_pem_x509_certificate(pem.encode())
+    return f"{cert.subject.rfc4514_string()} (valid until {cert.not_valid_after_utc:%Y-%m-%d})"
 
 
 def _redact_url(url: str) -> str:

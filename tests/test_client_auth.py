@@ -14,7 +14,7 @@ import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from gateway.cli import main as cli_main
@@ -30,26 +30,10 @@ from gateway.oidc.client_auth import (
 )
 from tests.conftest import CLIENT_ID, StackFactory, free_port
 from tests.idp_client import FormParser, http_login
+from tests.support.client_keys import certificate, ec_pem, rsa_pem
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi"}
 ISSUER = "https://idp.example.com"
-
-
-def rsa_pem(bits: int = 2048) -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    return pem_of(key)
-
-
-def ec_pem(curve: ec.EllipticCurve | None = None) -> str:
-    return pem_of(ec.generate_private_key(curve or ec.SECP256R1()))
-
-
-def pem_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
 
 
 def settings_data(**provider: Any) -> dict[str, Any]:
@@ -146,6 +130,54 @@ def test_the_audience_follows_client_assertion_audience() -> None:
     assert audience("endpoint", **urls) == ISSUER + "/revoke"
     # A provider configured without an issuer: its token endpoint names it (RFC 7523 §3).
     assert audience("issuer", **{**urls, "issuer": ""}) == ISSUER + "/token"
+
+
+def test_a_certificate_adds_its_thumbprints_and_nbf_for_entra_id() -> None:
+    import base64
+    import hashlib
+
+    from cryptography import x509
+
+    pems = [rsa_pem(), rsa_pem()]
+    cert = certificate(pems[0])
+    der = x509.load_pem_x509_certificate(cert.encode()).public_bytes(serialization.Encoding.DER)
+    settings = validate(
+        settings_data(
+            client_private_key=pems,
+            client_certificate=cert,
+            client_signing_alg="PS256",
+            client_assertion_audience="token_endpoint",
+        ),
+        env={},
+    )
+    signer = ClientAssertions.from_settings(settings.provider, clock=lambda: 1_700_000_000.0)
+    assert signer is not None
+    token = signer.sign(ISSUER + "/oauth2/v2.0/token")
+    first, second = signer.jwks()["keys"]
+    header = jwt.get_unverified_header(token)
+    sha256 = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    sha1 = base64.urlsafe_b64encode(hashlib.sha1(der).digest()).rstrip(b"=").decode()
+    assert header == {
+        "alg": "PS256", "kid": first["kid"], "typ": "JWT", "x5t#S256": sha256, "x5t": sha1,
+    }  # fmt: skip
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["nbf"] == claims["iat"] == 1_700_000_000
+    assert first["x5c"] == [base64.b64encode(der).decode()] and first["x5t#S256"] == sha256
+    assert "x5c" not in second  # no certificate for the second key
+    shown = redacted(settings)["provider"]["client_certificate"]
+    assert len(shown) == 1 and shown[0].startswith("CN=gateway (valid until ")
+
+
+def test_a_certificate_must_belong_to_a_key() -> None:
+    assert problems(client_private_key=rsa_pem(), client_certificate=certificate(rsa_pem())) == [
+        "provider.client_certificate: certificate is not for any client_private_key"
+    ]
+    assert problems(client_secret="s3cret", client_certificate=certificate(ec_pem())) == [
+        "provider.client_certificate: only used with client_auth_method private_key_jwt, "
+        "not client_secret_basic"
+    ]
+    (found,) = problems(client_private_key=ec_pem(), client_certificate="not a pem")
+    assert found.startswith("provider.client_certificate: cannot read the certificate file")
 
 
 # -- gateway client-jwks ---------------------------------------------------------------------

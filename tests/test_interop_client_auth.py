@@ -18,8 +18,6 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.app import create_app
 from gateway.config import validate
@@ -35,6 +33,7 @@ from tests.interop_idp import (
     interop_logout,
     start_interop_idp,
 )
+from tests.support.client_keys import certificate, ec_pem, rsa_pem
 
 pytestmark = pytest.mark.interop
 
@@ -43,12 +42,6 @@ SECRET = "interop-secret-0123456789abcdef"
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
 NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 API = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
-
-
-def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
 
 
 class World:
@@ -94,7 +87,7 @@ class World:
         return cfg
 
 
-KEYS = [pem(rsa.generate_private_key(65537, 2048)), pem(ec.generate_private_key(ec.SECP256R1()))]
+KEYS = [rsa_pem(), ec_pem()]
 
 
 def registration(url: str, method: str) -> dict[str, Any]:
@@ -235,3 +228,15 @@ async def test_gateway_run_with_a_key_file(world: World, tmp_path: Path) -> None
     finally:
         await proc.close()
     assert "PRIVATE KEY" not in proc.log()
+
+
+@pytest.mark.parametrize("world", [("off", "private_key_jwt", "token_endpoint")], indirect=True)
+async def test_certificate_style_assertions(world: World) -> None:
+    """With a certificate the header also names it (x5t#S256, x5t) and nbf is set, as
+    Microsoft Entra ID wants; oidc-provider accepts such assertions all the same."""
+    cfg = world.config({**world.provider(), "client_certificate": certificate(KEYS[0])})
+    runner = await run_in_process(cfg, world.port)
+    try:
+        await journey(world, pushed=False)
+    finally:
+        await runner.cleanup()

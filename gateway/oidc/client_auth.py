@@ -14,20 +14,22 @@ each get their own ``ClientAssertions``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.x509 import load_pem_x509_certificate
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from gateway.config import CLIENT_KEY_ALGS, ProviderSettings
+from gateway.config import CLIENT_KEY_ALGS, ProviderSettings, public_key_der
 from gateway.crypto import b64u_encode
 
 __all__ = [
@@ -67,12 +69,28 @@ def audience(mode: str, *, issuer: str, token_endpoint: str, endpoint: str) -> s
 
 @dataclass(frozen=True)
 class ClientKey:
-    """One client key: the private half signs assertions, the public JWK is registered."""
+    """One client key: the private half signs assertions, the public JWK is registered.
+
+    ``x5t`` holds the header members naming the key's certificate (``x5t#S256`` and
+    ``x5t``, RFC 7515 §4.1.7-8) when one is configured, as Microsoft Entra ID needs.
+    """
 
     kid: str
     alg: str
     private: PrivateKey
     public_jwk: dict[str, Any]
+    x5t: dict[str, str] | None = None
+
+    def with_certificate(self, pem: str) -> ClientKey:
+        """This key with its X.509 certificate: thumbprints in the header, x5c in the JWK."""
+        der = load_pem_x509_certificate(pem.encode()).public_bytes(Encoding.DER)
+        x5t = {
+            "x5t#S256": b64u_encode(hashlib.sha256(der).digest()),
+            # SHA-1 only names the certificate here (RFC 7515 §4.1.7), as Entra ID reads it.
+            "x5t": b64u_encode(hashlib.sha1(der, usedforsecurity=False).digest()),
+        }
+        jwk = {**self.public_jwk, "x5c": [base64.b64encode(der).decode()], **x5t}
+        return replace(self, public_jwk=jwk, x5t=x5t)
 
     @classmethod
     def from_pem(cls, pem: str, alg: str | None = None) -> ClientKey:
@@ -117,10 +135,13 @@ class ClientAssertions:
         """The provider's signer, or None unless it authenticates with private_key_jwt."""
         if settings.effective_auth_method != "private_key_jwt" or not settings.client_private_key:
             return None
-        keys = [
-            ClientKey.from_pem(pem.get_secret_value(), settings.client_signing_alg)
-            for pem in settings.client_private_key
-        ]
+        certs = {public_key_der(c): c for c in settings.client_certificate or ()}
+        keys = []
+        for secret in settings.client_private_key:
+            pem = secret.get_secret_value()
+            key = ClientKey.from_pem(pem, settings.client_signing_alg)
+            cert = certs.get(public_key_der(pem))
+            keys.append(key if cert is None else key.with_certificate(cert))
         return cls(settings.client_id, keys, clock=clock)
 
     def sign(self, audience: str) -> str:
@@ -135,7 +156,12 @@ class ClientAssertions:
             "iat": now,
             "exp": now + LIFETIME,
         }
-        return jwt.encode(claims, key.private, algorithm=key.alg, headers={"kid": key.kid})
+        headers: dict[str, Any] = {"kid": key.kid}
+        if key.x5t is not None:
+            # Certificate credentials (Entra ID) name the certificate and want nbf.
+            headers.update(key.x5t)
+            claims["nbf"] = now
+        return jwt.encode(claims, key.private, algorithm=key.alg, headers=headers)
 
     def form(self, audience: str) -> dict[str, str]:
         """The form members that authenticate one request (RFC 7523 §2.2)."""
