@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
 import pytest
@@ -240,3 +240,59 @@ async def test_certificate_style_assertions(world: World) -> None:
         await journey(world, pushed=False)
     finally:
         await runner.cleanup()
+
+
+async def test_offline_access_implies_consent_for_pushed_requests_too() -> None:
+    """server.mjs's ``offline_access_implies_consent_prompt`` covers a pushed request (its
+    parameters are in the PAR body): a refresh token without the client sending prompt."""
+    import base64
+    import hashlib
+    import secrets
+
+    if not interop_available():
+        pytest.fail(f"interop OpenID provider is not installed: {INSTALL_HINT}")
+    rp = f"http://127.0.0.1:{free_port()}"
+    idp = await start_interop_idp(
+        {
+            "clients": [registration(rp, "client_secret_basic")],
+            "offline_access_implies_consent_prompt": True,
+        }
+    )
+    basic = {
+        "Authorization": "Basic " + base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
+    }
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            push = {
+                "response_type": "code",
+                "client_id": CLIENT_ID,
+                "redirect_uri": rp + "/oauth2/callback",
+                "scope": "openid offline_access",
+                "state": secrets.token_urlsafe(16),
+                "nonce": secrets.token_urlsafe(16),
+                "code_challenge": challenge.decode(),
+                "code_challenge_method": "S256",
+            }
+            async with http.post(idp.issuer + "/request", data=push, headers=basic) as resp:
+                assert resp.status == 201, await resp.text()
+                uri = (await resp.json())["request_uri"]
+            query = urlencode({"client_id": CLIENT_ID, "request_uri": uri})
+            done = await interop_login(
+                http, f"{idp.issuer}/auth?{query}", "frank", stop_at_origin=rp
+            )
+            assert done.stopped, done.history
+            form = {
+                "grant_type": "authorization_code",
+                "code": done.query["code"],
+                "redirect_uri": rp + "/oauth2/callback",
+                "code_verifier": verifier,
+            }
+            async with http.post(idp.issuer + "/token", data=form, headers=basic) as resp:
+                tokens = await resp.json()
+            assert tokens["refresh_token"]
+            assert "offline_access" in tokens["scope"].split()
+    finally:
+        await idp.close()
+    assert "server_error" not in idp.stderr_tail, idp.stderr_tail

@@ -34,6 +34,7 @@ import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { isIP } from 'node:net';
+import * as querystring from 'node:querystring';
 
 import Provider, { errors } from 'oidc-provider';
 
@@ -218,6 +219,21 @@ if (cfg.offline_access_implies_consent_prompt) {
     if (ctx.method === 'GET' && ctx.path === '/auth' && ctx.query.prompt === undefined
       && String(ctx.query.scope ?? '').split(' ').includes('offline_access')) {
       ctx.query = { ...ctx.query, prompt: 'consent' };
+    } else if (ctx.method === 'POST' && ctx.path === '/request' && ctx.is('application/x-www-form-urlencoded')) {
+      // The same for a pushed authorization request: its parameters are in the form body.
+      // oidc-provider reads an already parsed body from ctx.request.body.
+      const chunks = [];
+      let size = 0;
+      for await (const chunk of ctx.req) {
+        size += chunk.length;
+        if (size > 56 * 1024) ctx.throw(413);
+        chunks.push(chunk);
+      }
+      const body = querystring.parse(Buffer.concat(chunks).toString('utf8'));
+      if (body.prompt === undefined && String(body.scope ?? '').split(' ').includes('offline_access')) {
+        body.prompt = 'consent';
+      }
+      ctx.request.body = body;
     }
     await next();
   });
