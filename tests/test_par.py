@@ -321,3 +321,20 @@ async def test_dev_provider_par_endpoint() -> None:
 def test_dev_provider_config_checks_the_par_mode() -> None:
     cfg = DevIdpConfig(users=demo_users(), clients=[_client()], pushed_authorization="maybe")
     assert cfg.problems() == ["pushed_authorization must be one of off, enabled, required"]
+
+
+async def test_dev_provider_without_par_still_answers_request_not_supported() -> None:
+    provider = await start_devidp(DevIdpConfig(users=demo_users(), clients=[_client()]))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(
+                provider.url + "/authorize",
+                params={**PUSH, "request_uri": URN + "x"},
+                allow_redirects=False,
+            ) as resp:
+                assert resp.status == 302
+                assert query(resp.headers["Location"])["error"] == "request_not_supported"
+            async with http.post(provider.url + "/par", data=PUSH) as resp:
+                assert resp.status == 404
+    finally:
+        await provider.close()

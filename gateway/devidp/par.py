@@ -67,6 +67,8 @@ def resolve(state: IdpState, query: Mapping[str, str]) -> MultiDictProxy[str] | 
     """The parameters of the authorization request at ``/authorize``: the pushed ones for
     a ``request_uri`` (used up now), None to read the query itself, or an error page."""
     uri = query.get("request_uri")
+    if state.cfg.pushed_authorization == "off":
+        return None  # as before PAR: a request_uri is answered request_not_supported
     if uri is None:
         if state.cfg.pushed_authorization == "required":
             return pages.error_page(
