@@ -20,7 +20,16 @@ from gateway.devidp.par import PAR_TTL, URN
 from gateway.oidc import par
 from gateway.oidc.metadata import ProviderMetadata
 from gateway.oidc.par import ParUnavailable
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, Stack, StackFactory, free_port
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    RedisServer,
+    Stack,
+    StackFactory,
+    free_port,
+    gateway_config,
+)
+from tests.gateway_proc import start_gateway_process
 from tests.idp_client import FormParser, http_login
 from tests.test_cli import gateway
 
@@ -338,3 +347,27 @@ async def test_dev_provider_without_par_still_answers_request_not_supported() ->
                 assert resp.status == 404
     finally:
         await provider.close()
+
+
+async def test_gateway_run_starts_with_par_required_and_no_endpoint(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    plain = await start_devidp(DevIdpConfig(users=demo_users(), clients=[_client()]))
+    try:
+        cfg = gateway_config(url, plain.issuer, "http://127.0.0.1:9", redis_server.url)
+        cfg["server"]["port"] = port
+        cfg["provider"]["par"] = "required"
+        proc = await start_gateway_process(cfg, tmp_path)  # waits for /healthz 200
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url + "/readyz") as resp:
+                    assert resp.status == 200  # metadata loaded, store up: ready
+                async with http.get(url + "/oauth2/start?rd=/", headers=NAVIGATE) as resp:
+                    assert resp.status == 503
+        finally:
+            await proc.close()
+        assert "par: required, but the provider advertises no" in proc.log()
+    finally:
+        await plain.close()
