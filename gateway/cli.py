@@ -59,6 +59,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_client_jwks(args: argparse.Namespace) -> int:
+    """The public JWK Set of the provider's private_key_jwt keys, to register there."""
+    from gateway.oidc.client_auth import ClientAssertions
+
+    settings = _load(args.config)
+    assertions = ClientAssertions.from_settings(settings.provider)
+    if assertions is None:
+        print(
+            f"{resolve_path(args.config)}: provider.client_private_key: not set "
+            "(client-jwks is for client_auth_method: private_key_jwt)",
+            file=sys.stderr,
+        )
+        return 2
+    print(json.dumps(assertions.jwks(), indent=2))
+    return 0
+
+
 def cmd_gen_secret(args: argparse.Namespace) -> int:
     print(new_secret())
     return 0
@@ -125,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--probe", action="store_true", help="also contact the provider and Redis")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "client-jwks", help="print the public JWK Set of the private_key_jwt client keys"
+    )
+    with_config(p)
+    p.set_defaults(func=cmd_client_jwks)
 
     p = sub.add_parser("gen-secret", help="print a fresh cookie secret")
     p.set_defaults(func=cmd_gen_secret)

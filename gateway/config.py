@@ -108,11 +108,151 @@ class ServerSettings(_Model):
         return v
 
 
+_CLIENT_KEY_HELP = (
+    "must be an unencrypted RSA (2048 bits or more) or EC P-256 private key in PEM (inline, "
+    "or the path of a PEM file); make one with: openssl genpkey -algorithm RSA "
+    "-pkeyopt rsa_keygen_bits:3072"
+)
+CLIENT_KEY_ALGS = {
+    "RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    "EC": ("ES256",),
+}
+
+
+def client_key_kind(pem: str) -> str:
+    """``RSA`` or ``EC`` for a usable private_key_jwt key; ValueError naming the problem."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(_CLIENT_KEY_HELP) from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise ValueError(f"an RSA key needs 2048 bits or more, this one has {key.key_size}")
+        return "RSA"
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        return "EC"
+    raise ValueError(_CLIENT_KEY_HELP)
+
+
+def _client_keys(v: Any) -> Any:
+    """One PEM (path or inline) or a list of them → the PEM texts, each checked."""
+    items = [v] if isinstance(v, str | SecretStr) else v
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError("must be a PEM file path or inline PEM, or a list of them")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            pem = _pem_text(item, _CLIENT_KEY_HELP)
+            client_key_kind(pem)
+        except ValueError as exc:
+            if len(items) == 1:
+                raise
+            raise ValueError(f"key {i + 1} of {len(items)}: {exc}") from None
+        out.append(SecretStr(pem))
+    return tuple(out)
+
+
+ClientKeys = Annotated[tuple[SecretStr, ...], BeforeValidator(_client_keys)]
+_CERT_HELP = "must be an X.509 certificate in PEM (inline, or the path of a PEM file)"
+
+
+def _client_certs(v: Any) -> Any:
+    """One certificate (PEM path or inline) or a list of them → the PEM texts, each parsed."""
+    from cryptography.x509 import load_pem_x509_certificate
+
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError("must be a PEM file path or inline PEM, or a list of them")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            pem = _pem_text(item, _CERT_HELP, "certificate file")
+            try:
+                load_pem_x509_certificate(pem.encode())
+            except ValueError:
+                raise ValueError(_CERT_HELP) from None
+        except ValueError as exc:
+            if len(items) == 1:
+                raise
+            raise ValueError(f"certificate {i + 1} of {len(items)}: {exc}") from None
+        out.append(pem)
+    return tuple(out)
+
+
+ClientCerts = Annotated[tuple[str, ...], BeforeValidator(_client_certs)]
+
+
+def public_key_der(pem: str) -> bytes:
+    """The SubjectPublicKeyInfo of a private key or a certificate in PEM (to pair them)."""
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_private_key,
+    )
+    from cryptography.x509 import load_pem_x509_certificate
+
+    if "CERTIFICATE-----" in pem:
+        cert_key = load_pem_x509_certificate(pem.encode()).public_key()
+        return cert_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    private = load_pem_private_key(pem.encode(), password=None)
+    return private.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _client_key_problems(p: ProviderSettings) -> list[str]:
+    """private_key_jwt: a key is configured, no secret, and client_signing_alg fits each key."""
+    if p.client_private_key is None:
+        return [
+            "@client_private_key: client_auth_method private_key_jwt needs client_private_key "
+            "(a PEM file path or inline PEM)"
+        ]
+    problems = []
+    if p.client_secret is not None:
+        problems.append("@client_secret: not used with client_auth_method private_key_jwt")
+    if p.client_certificate is not None:
+        keys = {public_key_der(k.get_secret_value()) for k in p.client_private_key}
+        for i, cert in enumerate(p.client_certificate):
+            if public_key_der(cert) not in keys:
+                which = f" {i + 1}" if len(p.client_certificate) > 1 else ""
+                problems.append(
+                    f"@client_certificate: certificate{which} is not for any client_private_key"
+                )
+    alg = p.client_signing_alg
+    if alg is not None:
+        for i, key in enumerate(p.client_private_key):
+            kind = client_key_kind(key.get_secret_value())
+            if alg not in CLIENT_KEY_ALGS[kind]:
+                which = f" (key {i + 1})" if len(p.client_private_key) > 1 else ""
+                problems.append(
+                    f"@client_signing_alg: {alg} does not fit the {kind} key{which}; use one "
+                    f"of {', '.join(CLIENT_KEY_ALGS[kind])}"
+                )
+    return problems
+
+
 class ProviderSettings(_Model):
     issuer: str | None = None
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
-    client_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] | None = None
+    client_auth_method: (
+        Literal["client_secret_basic", "client_secret_post", "none", "private_key_jwt"] | None
+    ) = None
+    # private_key_jwt (RFC 7523): PEM file paths or inline PEMs; the first signs, all are
+    # published by ``gateway client-jwks`` (rotation). One string or a list.
+    client_private_key: ClientKeys | None = None
+    client_signing_alg: str | None = None
+    # The assertion's aud: the issuer (RFC 7523), the token endpoint URL, or the URL of the
+    # endpoint each assertion is sent to (some providers insist on one of the latter).
+    client_assertion_audience: Literal["issuer", "token_endpoint", "endpoint"] = "issuer"
+    # X.509 certificates of client keys (Microsoft Entra ID): the signing key's thumbprint
+    # then travels in the assertion's header (x5t#S256, x5t).
+    client_certificate: ClientCerts | None = None
+    # Pushed authorization requests (RFC 9126): auto follows the provider's metadata.
+    par: Literal["auto", "required", "off"] = "auto"
+    pushed_authorization_request_endpoint: str | None = None
     scopes: tuple[str, ...] = ("openid", "email", "profile", "offline_access")
     bearer_audiences: tuple[str, ...] = ()
     # Most introspection calls per second for tokens not in the cache (a token bucket
@@ -137,8 +277,16 @@ class ProviderSettings(_Model):
                 "@issuer: set issuer (OpenID discovery) or authorization_endpoint and token_endpoint"
             )
         method = self.effective_auth_method
-        if method != "none" and self.client_secret is None:
+        if method == "private_key_jwt":
+            problems.extend(_client_key_problems(self))
+        elif method != "none" and self.client_secret is None:
             problems.append(f"@client_secret: client_auth_method {method} needs client_secret")
+        else:
+            for key in ("client_private_key", "client_certificate"):
+                if getattr(self, key) is not None:
+                    problems.append(
+                        f"@{key}: only used with client_auth_method private_key_jwt, not {method}"
+                    )
         _raise_keyed(problems)
         return self
 
@@ -146,6 +294,8 @@ class ProviderSettings(_Model):
     def effective_auth_method(self) -> str:
         if self.client_auth_method:
             return self.client_auth_method
+        if self.client_private_key is not None and self.client_secret is None:
+            return "private_key_jwt"
         return "client_secret_basic" if self.client_secret is not None else "none"
 
 
@@ -327,6 +477,22 @@ _KEY_HELP = (
 )
 
 
+def _pem_text(v: Any, help_text: str, what: str = "key file") -> str:
+    """Inline PEM, or the PEM in the file a path names; the message never repeats the value."""
+    raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(help_text)
+    if "-----BEGIN" in raw:
+        return raw
+    try:
+        return Path(raw.strip()).read_text(encoding="utf-8")
+    except OSError as exc:
+        why = exc.strerror or "invalid path"
+        raise ValueError(f"cannot read the {what} ({why})") from None
+    except UnicodeDecodeError:
+        raise ValueError(help_text) from None
+
+
 def _signing_key(v: Any) -> Any:
     """Inline PEM or a PEM file's path → the PEM text, checked to be an EC P-256 private key.
 
@@ -337,18 +503,7 @@ def _signing_key(v: Any) -> Any:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    raw = v.get_secret_value() if isinstance(v, SecretStr) else v
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(_KEY_HELP)
-    pem = raw
-    if "-----BEGIN" not in raw:
-        try:
-            pem = Path(raw.strip()).read_text(encoding="utf-8")
-        except OSError as exc:
-            why = exc.strerror or "invalid path"
-            raise ValueError(f"cannot read the key file ({why})") from None
-        except UnicodeDecodeError:
-            raise ValueError(_KEY_HELP) from None
+    pem = _pem_text(v, _KEY_HELP)
     try:
         key = load_pem_private_key(pem.encode(), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -523,10 +678,26 @@ def redacted(settings: Settings) -> dict[str, Any]:
     data: dict[str, Any] = settings.model_dump(mode="json")
     if settings.provider.client_secret is not None:
         data["provider"]["client_secret"] = "**********"
+    if settings.provider.client_private_key is not None:
+        data["provider"]["client_private_key"] = [
+            "**********" for _ in settings.provider.client_private_key
+        ]
+    if settings.provider.client_certificate is not None:
+        data["provider"]["client_certificate"] = [
+            _certificate_summary(c) for c in settings.provider.client_certificate
+        ]
     data["session"]["cookie_secrets"] = ["**********" for _ in settings.session.cookie_secrets]
     data["session"]["redis_url"] = _redact_url(settings.session.redis_url.get_secret_value())
     data["assertion"]["signing_keys"] = ["**********" for _ in settings.assertion.signing_keys]
     return data
+
+
+def _certificate_summary(pem: str) -> str:
+    """A certificate in check-config: its subject and expiry, not the whole PEM."""
+    from cryptography.x509 import load_pem_x509_certificate
+
+    cert = load_pem_x509_certificate(pem.encode())
+    return f"{cert.subject.rfc4514_string()} (valid until {cert.not_valid_after_utc:%Y-%m-%d})"
 
 
 def _redact_url(url: str) -> str:

@@ -105,6 +105,18 @@ class ProviderUnavailable(GatewayError):
         super().__init__(message, headers={"Retry-After": "10"})
 
 
+class ProviderRefused(GatewayError):
+    """The provider refused a request the gateway made to start a sign-in (a pushed
+    authorization request answered with an OAuth error): a configuration problem."""
+
+    status = 502
+    code = "provider_refused"
+    public_message = (
+        "The identity provider refused to start the sign-in. This is a configuration "
+        "problem; please tell the site's administrators."
+    )
+
+
 class OAuthError(Exception):
     """An OAuth 2.0 error response from the provider (RFC 6749 §5.2), branched on by ``error``."""
 

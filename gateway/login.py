@@ -23,6 +23,7 @@ from gateway.errors import (
     LoginFlowError,
     OAuthError,
     ProviderDenied,
+    ProviderRefused,
     ProviderTransportError,
     ProviderUnavailable,
     StoreError,
@@ -31,6 +32,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.flow import LoginState, flow_id_for
+from gateway.oidc.par import ParUnavailable
 from gateway.pages import NO_STORE, page, redirect
 from gateway.redirects import safe_redirect, same_origin_path
 from gateway.sessions import identity_from, tokens_from
@@ -38,6 +40,10 @@ from gateway.sessions import identity_from, tokens_from
 log = logging.getLogger("gateway.login")
 _STATE_RE = re.compile(r"^[A-Za-z0-9_-]{20,128}$")
 _MAX_PARAM = 4096
+_NO_PAR = (
+    "Signing in is not possible right now: the identity provider does not accept the "
+    "pushed authorization requests this site requires."
+)
 _OAUTH_ERROR_RE = re.compile(r"^[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}$")  # RFC 6749 §4.1.2.1
 
 
@@ -89,7 +95,18 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     while _slot_for(state, slots) != target:
         state = random_token(32)
     flow, challenge = LoginState.new(return_to, now, state)
-    resp = redirect(provider.authorization_url(meta, flow.state, flow.nonce, challenge))
+    try:
+        location = await provider.authorization_redirect(meta, flow.state, flow.nonce, challenge)
+    except ParUnavailable as exc:
+        log.warning("sign-in cannot start: %s", exc)
+        raise ProviderUnavailable(_NO_PAR) from None
+    except ProviderTransportError as exc:
+        log.warning("pushed authorization request failed: %s", exc)
+        raise ProviderUnavailable() from None
+    except OAuthError as exc:
+        log.warning("pushed authorization request refused: %s", exc.error)
+        raise ProviderRefused() from None
+    resp = redirect(location)
     value = f"{int(now)}.{flow.seal(request.app[keys.RING])}"
     cookies.set(
         resp,

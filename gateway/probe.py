@@ -6,7 +6,7 @@ import aiohttp
 
 from gateway.config import Settings
 from gateway.errors import ProviderTransportError, StoreError
-from gateway.oidc import ProviderClient
+from gateway.oidc import ProviderClient, par
 from gateway.oidc.client import make_provider_http
 from gateway.store import open_store
 
@@ -25,6 +25,8 @@ async def probe(settings: Settings) -> list[Result]:
             results.append(("provider discovery", False, str(exc)))
             meta = None
         if meta is not None:
+            if (par_line := par.probe_result(settings.provider.par, meta)) is not None:
+                results.append(par_line)
             try:
                 await provider.jwks.refresh()
                 results.append(("provider JWKS", True, f"{meta.jwks_uri}"))

@@ -224,7 +224,11 @@ async def test_discovery_fields(http: aiohttp.ClientSession, idp: RunningIdp) ->
     assert meta["grant_types_supported"] == ["authorization_code", "refresh_token"]
     assert meta["code_challenge_methods_supported"] == ["S256"]
     assert meta["id_token_signing_alg_values_supported"] == ["RS256"]
-    assert set(meta["token_endpoint_auth_methods_supported"]) == set(METHODS.values())
+    assert set(meta["token_endpoint_auth_methods_supported"]) == {
+        *METHODS.values(),
+        "private_key_jwt",
+    }
+    assert "pushed_authorization_request_endpoint" not in meta  # off unless configured
     assert "openid" in meta["scopes_supported"] and "groups" in meta["claims_supported"]
     assert meta["authorization_response_iss_parameter_supported"] is True
     assert meta["backchannel_logout_supported"] is True

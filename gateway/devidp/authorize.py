@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from yarl import URL
 
-from . import pages
+from . import pages, par
 from .config import KNOWN_SCOPES
 from .oauth import read_form
 from .records import IdpSession, Interaction, OAuthError
@@ -89,6 +89,10 @@ async def authorize(request: web.Request) -> web.Response:
     query = request.query
     if any(len(query.getall(key)) > 1 for key in query):
         return pages.error_page("Invalid request", "A parameter was repeated.")
+    pushed = par.resolve(state, query)  # RFC 9126 §4
+    if isinstance(pushed, web.Response):
+        return pushed
+    query = pushed if pushed is not None else query
     client = state.clients.get(query.get("client_id", ""))
     if client is None:
         return pages.error_page("Unknown client", "This application is not registered.")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none", "private_key_jwt")
+PAR_MODES = ("off", "enabled", "required")
 SIGNING_ALGS = ("RS256", "ES256")
 ACCESS_TOKEN_FORMATS = ("jwt", "opaque")
 KNOWN_SCOPES = ("openid", "email", "profile", "groups", "offline_access")
@@ -40,6 +41,8 @@ class ClientRegistration:
     post_logout_redirect_uris: tuple[str, ...] = ()
     backchannel_logout_uri: str | None = None
     backchannel_logout_session_required: bool = True
+    # private_key_jwt: the client's public JWK Set, given inline (RFC 7591 ``jwks``).
+    jwks: dict[str, Any] | None = None
 
 
 @dataclass
@@ -90,6 +93,9 @@ class DevIdpConfig:
     signing_alg: str = "RS256"
     require_consent: bool = True
     faults: Faults = field(default_factory=Faults)
+    # RFC 9126: "off" (no endpoint), "enabled" (a PAR endpoint), "required" (and plain
+    # authorization requests are refused; require_pushed_authorization_requests).
+    pushed_authorization: str = "off"
 
     def problems(self) -> list[str]:
         """Every inconsistency in this configuration, one sentence each (empty when valid)."""
@@ -98,6 +104,8 @@ class DevIdpConfig:
             out.append(f"signing_alg must be one of {', '.join(SIGNING_ALGS)}")
         if self.access_token_format not in ACCESS_TOKEN_FORMATS:
             out.append(f"access_token_format must be one of {', '.join(ACCESS_TOKEN_FORMATS)}")
+        if self.pushed_authorization not in PAR_MODES:
+            out.append(f"pushed_authorization must be one of {', '.join(PAR_MODES)}")
         seen_subs: set[str] = set()
         seen_names: set[str] = set()
         for user in self.users:
@@ -113,6 +121,11 @@ class DevIdpConfig:
             method = client.token_endpoint_auth_method
             if method not in AUTH_METHODS:
                 out.append(f"client {client.client_id!r}: unknown auth method {method!r}")
+            elif method == "private_key_jwt":
+                if client.client_secret is not None or not client.jwks:
+                    out.append(
+                        f"client {client.client_id!r}: private_key_jwt needs jwks and no secret"
+                    )
             elif (method == "none") != (client.client_secret is None):
                 out.append(
                     f"client {client.client_id!r}: a secret is needed exactly when the auth "

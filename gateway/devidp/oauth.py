@@ -13,6 +13,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
+from . import client_assertion
 from .config import ClientRegistration
 from .records import OAuthError
 from .state import IdpState
@@ -61,6 +62,10 @@ def authenticate_client(
     header = headers.get("Authorization")
     body_id = form.get("client_id")
     body_secret = form.get("client_secret")
+    if "client_assertion" in form or "client_assertion_type" in form:
+        if header is not None or body_secret is not None:
+            raise OAuthError("invalid_client", "more than one authentication method", 401)
+        return client_assertion.authenticate(state, form)
     if header is not None:
         if body_secret is not None:
             raise OAuthError("invalid_client", "more than one authentication method", 401)

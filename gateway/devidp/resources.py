@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import pages
+from . import pages, par
 from .config import AUTH_METHODS, KNOWN_SCOPES
 from .oauth import authenticate_client, error_answer, json_answer, read_form
 from .records import AccessRecord, OAuthError
@@ -49,6 +49,7 @@ async def discovery(request: web.Request) -> web.Response:
         "backchannel_logout_supported": True,
         "backchannel_logout_session_supported": True,
     }
+    par.advertise(state, metadata)
     return web.json_response(metadata)
 
 

@@ -12,7 +12,7 @@ from types import TracebackType
 import aiohttp
 from aiohttp import web
 
-from . import authorize, logout, resources, token_endpoint
+from . import authorize, logout, par, resources, token_endpoint
 from .config import DevIdpConfig
 from .state import STATE_KEY, IdpState
 
@@ -44,6 +44,7 @@ def create_devidp_app(cfg: DevIdpConfig) -> web.Application:
     app.router.add_route("POST", "/userinfo", resources.userinfo)
     app.router.add_post("/revoke", resources.revoke)
     app.router.add_post("/introspect", resources.introspect)
+    app.router.add_post("/par", par.push)
     app.router.add_route("GET", "/end_session", logout.end_session)
     app.router.add_route("POST", "/end_session", logout.end_session)
     return app

@@ -58,6 +58,11 @@ class IdpState:
         self.access_tokens: dict[str, AccessRecord] = {}  # by token value
         self.revoked_jtis: set[str] = set()
         self.http: aiohttp.ClientSession | None = None  # set while the app runs
+        # private_key_jwt and PAR (client_assertion.py, par.py)
+        self.client_assertions: list[dict[str, Any]] = []  # header and claims, as accepted
+        self.client_assertion_jtis: dict[str, int] = {}  # jti -> exp, each accepted once
+        self.pushed_requests: dict[str, tuple[str, dict[str, str], int]] = {}
+        self.par_calls = 0
 
     @property
     def faults(self) -> Faults:

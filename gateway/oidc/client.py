@@ -13,14 +13,16 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiohttp
 
 from gateway.config import ProviderSettings
 from gateway.errors import OAuthError, ProviderTransportError
+from gateway.oidc import par
+from gateway.oidc.client_auth import ClientAssertions, audience
 from gateway.oidc.jwks import JwksCache
 from gateway.oidc.metadata import ProviderMetadata
 from gateway.oidc.validate import IdTokenValidator
@@ -108,6 +110,8 @@ class ProviderClient:
             algorithms=lambda: self._meta.signing_algs if self._meta else (),
             clock=clock,
         )
+        # private_key_jwt (RFC 7523): None for the secret-based and public methods.
+        self.assertions = ClientAssertions.from_settings(settings, clock=clock)
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -184,6 +188,28 @@ class ProviderClient:
         sep = "&" if urlsplit(meta.authorization_endpoint).query else "?"
         return meta.authorization_endpoint + sep + urlencode(params, quote_via=quote)
 
+    async def authorization_redirect(
+        self, meta: ProviderMetadata, state: str, nonce: str, challenge: str
+    ) -> str:
+        """Where to send the browser: the authorization URL, or, when the request is pushed
+        (RFC 9126, ``oidc.par``), the endpoint with only ``client_id`` and ``request_uri``.
+
+        Raises ``par.ParUnavailable`` when pushing is required but impossible, OAuthError
+        when the PAR endpoint refuses, ProviderTransportError when it does not answer.
+        """
+        endpoint = par.endpoint(self.settings.par, meta)
+        if endpoint is None:
+            return self.authorization_url(meta, state, nonce, challenge)
+        # The very parameters of a plain request (one place builds them), as a form.
+        query = self.authorization_url(
+            replace(meta, authorization_endpoint=""), state, nonce, challenge
+        )
+        form = dict(parse_qsl(query.removeprefix("?"), keep_blank_values=True))
+        _, data = await self._post(endpoint, form)
+        return par.browser_url(
+            meta.authorization_endpoint, self.settings.client_id, par.request_uri(data)
+        )
+
     def end_session_url(
         self, meta: ProviderMetadata, id_token_hint: str | None, post_logout: str, state: str
     ) -> str | None:
@@ -208,7 +234,7 @@ class ProviderClient:
 
     # -- back channel ----------------------------------------------------------------------
 
-    def _auth(self, form: dict[str, str]) -> dict[str, str]:
+    def _auth(self, form: dict[str, str], url: str = "") -> dict[str, str]:
         s = self.settings
         method = s.effective_auth_method
         headers = {"Accept": "application/json"}
@@ -220,12 +246,24 @@ class ProviderClient:
         elif method == "client_secret_post":
             form["client_id"] = s.client_id
             form["client_secret"] = secret
+        elif self.assertions is not None:
+            form.update(self.assertions.form(self._assertion_audience(url)))
         else:
             form["client_id"] = s.client_id
         return headers
 
+    def _assertion_audience(self, url: str) -> str:
+        """The ``aud`` of a client assertion sent to ``url`` (``client_assertion_audience``)."""
+        meta, s = self._meta, self.settings
+        return audience(
+            s.client_assertion_audience,
+            issuer=(meta.issuer if meta else "") or s.issuer or "",
+            token_endpoint=(meta.token_endpoint if meta else "") or s.token_endpoint or "",
+            endpoint=url,
+        )
+
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
-        headers = self._auth(form)
+        headers = self._auth(form, url)
         try:
             async with self._http.post(
                 url, data=form, headers=headers, allow_redirects=False

@@ -23,6 +23,9 @@ class ProviderMetadata:
     revocation_endpoint: str | None = None
     end_session_endpoint: str | None = None
     introspection_endpoint: str | None = None
+    # RFC 9126 §5: pushed authorization requests.
+    pushed_authorization_request_endpoint: str | None = None
+    require_pushed_authorization_requests: bool = False
     signing_algs: tuple[str, ...] = ("RS256",)
     iss_parameter_supported: bool = False
     backchannel_logout_supported: bool = False
@@ -56,6 +59,9 @@ class ProviderMetadata:
             revocation_endpoint=pick("revocation_endpoint"),
             end_session_endpoint=pick("end_session_endpoint"),
             introspection_endpoint=pick("introspection_endpoint"),
+            pushed_authorization_request_endpoint=pick("pushed_authorization_request_endpoint"),
+            require_pushed_authorization_requests=doc.get("require_pushed_authorization_requests")
+            is True,
             signing_algs=allowed,
             iss_parameter_supported=bool(doc.get("authorization_response_iss_parameter_supported")),
             backchannel_logout_supported=bool(doc.get("backchannel_logout_supported")),
@@ -74,4 +80,5 @@ class ProviderMetadata:
             revocation_endpoint=settings.revocation_endpoint,
             end_session_endpoint=settings.end_session_endpoint,
             introspection_endpoint=settings.introspection_endpoint,
+            pushed_authorization_request_endpoint=settings.pushed_authorization_request_endpoint,
         )

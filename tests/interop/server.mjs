@@ -21,6 +21,10 @@
 //                      unless the authorization request has prompt=consent. true adds
 //                      prompt=consent to GET /auth requests that ask for offline_access
 //                      and carry no prompt, like IdPs that issue refresh tokens anyway.
+//   par                "enabled" (default, as oidc-provider ships: a pushed authorization
+//                      request endpoint), "required" (require_pushed_authorization_requests:
+//                      plain authorization requests are refused) or "off" (no PAR endpoint).
+//                      Clients may register for private_key_jwt with an inline `jwks`.
 //
 // When listening it prints exactly one line on stdout:
 //   {"issuer": "http://127.0.0.1:PORT", "port": PORT}
@@ -30,6 +34,7 @@ import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { isIP } from 'node:net';
+import * as querystring from 'node:querystring';
 
 import Provider, { errors } from 'oidc-provider';
 
@@ -60,6 +65,10 @@ if (!['opaque', 'jwt'].includes(cfg.access_token_format ?? 'opaque')) {
   fail('access_token_format must be "opaque" or "jwt"');
 }
 const audience = cfg.access_token_audience ?? 'urn:gateway:interop:api';
+const parMode = cfg.par ?? 'enabled';
+if (!['off', 'enabled', 'required'].includes(parMode)) {
+  fail('par must be "off", "enabled" or "required"');
+}
 
 const clients = (cfg.clients ?? []).map((client) => ({
   grant_types: ['authorization_code', 'refresh_token'],
@@ -163,6 +172,10 @@ const provider = new Provider(issuer, {
     backchannelLogout: { enabled: true },
     rpInitiatedLogout: { enabled: true, logoutSource },
     resourceIndicators,
+    pushedAuthorizationRequests: {
+      enabled: parMode !== 'off',
+      requirePushedAuthorizationRequests: parMode === 'required',
+    },
   },
   // Refresh tokens for code grants that asked for offline_access; rotate on every use.
   issueRefreshToken: async (ctx, client, code) => client.grantTypeAllowed('refresh_token')
@@ -206,6 +219,21 @@ if (cfg.offline_access_implies_consent_prompt) {
     if (ctx.method === 'GET' && ctx.path === '/auth' && ctx.query.prompt === undefined
       && String(ctx.query.scope ?? '').split(' ').includes('offline_access')) {
       ctx.query = { ...ctx.query, prompt: 'consent' };
+    } else if (ctx.method === 'POST' && ctx.path === '/request' && ctx.is('application/x-www-form-urlencoded')) {
+      // The same for a pushed authorization request: its parameters are in the form body.
+      // oidc-provider reads an already parsed body from ctx.request.body.
+      const chunks = [];
+      let size = 0;
+      for await (const chunk of ctx.req) {
+        size += chunk.length;
+        if (size > 56 * 1024) ctx.throw(413);
+        chunks.push(chunk);
+      }
+      const body = querystring.parse(Buffer.concat(chunks).toString('utf8'));
+      if (body.prompt === undefined && String(body.scope ?? '').split(' ').includes('offline_access')) {
+        body.prompt = 'consent';
+      }
+      ctx.request.body = body;
     }
     await next();
   });
