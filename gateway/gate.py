@@ -149,6 +149,7 @@ class Gate:
         except SessionEnded:
             request[keys.CLEAR_SESSION] = True
             return None
+        request[keys.IDENTITY] = session.identity
         decision = check_requirements(route.settings, session.identity, session.tokens.scope)
         if not decision.allowed:
             raise Forbidden()
@@ -162,6 +163,7 @@ class Gate:
         """An API client with its own token (``accept_bearer``): no session is created; the
         upstream gets the identity from the token and the client's token as Authorization."""
         principal = await admit(request.app[keys.BEARER], route, token)
+        request[keys.IDENTITY] = principal.identity
         inject = identity_headers(route.settings.identity_headers, principal.identity)
         inject["Authorization"] = f"Bearer {token}"
         if route.settings.assertion:

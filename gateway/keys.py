@@ -14,6 +14,7 @@ from gateway.crypto import KeyRing
 from gateway.metrics import METRICS as METRICS
 from gateway.oidc import ProviderClient
 from gateway.policy import RouteTable
+from gateway.session import Identity
 from gateway.sessions import SessionManager
 from gateway.store import SessionStore
 
@@ -38,3 +39,6 @@ CLEAR_SESSION = web.RequestKey("clear_session_cookie", bool)
 ROUTE_LABEL = web.RequestKey("route_label", str)
 # perf_counter() when the response headers went out (latency = time to headers).
 HEADERS_AT = web.RequestKey("headers_at", float)
+# Who the request is from (a session or a bearer token): the access log's ``sub``, and the
+# 403 page's "signed in as".
+IDENTITY = web.RequestKey("identity", Identity)

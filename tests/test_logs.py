@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import io
 import json
 import logging
 import re
@@ -22,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from http.cookies import SimpleCookie
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import pytest
@@ -466,3 +468,92 @@ def test_configure_logging_writes_json_lines(capsys: pytest.CaptureFixture[str])
         "duration_ms": 1.5, "route": "/",
     }  # fmt: skip
     assert "time" in record
+
+
+# -- escaping: a client can never write a line of its choosing (issue 7 item 12) -------------
+
+
+@contextlib.contextmanager
+def configured(fmt: str) -> Iterator[io.StringIO]:
+    """``configure_logging(fmt)`` into a buffer, the previous set-up restored afterwards."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").level)
+    buf = io.StringIO()
+    try:
+        configure_logging(fmt, "info", stream=buf)
+        yield buf
+    finally:
+        root.handlers[:], level, access = saved
+        root.setLevel(level)
+        logging.getLogger("aiohttp.access").setLevel(access)
+
+
+FORGED = "2026-01-01T00:00:00.000Z INFO gateway.access: GET /admin 200 sub=alice"
+HOSTILE = "a\nb\rc\td\x00e\x1b[31mf\x7fg\x85h\u2028i\u202ej\u200bk\\n"
+
+
+def assert_one_line_per_record(text: str, records: int) -> list[str]:
+    lines = text.splitlines()
+    heads = [ln for ln in lines if not ln.startswith("    ")]
+    assert len(heads) == records, lines
+    for ln in heads:
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) ", ln), ln
+    for ln in lines:
+        assert ln.isprintable(), ln
+    return heads
+
+
+async def test_text_log_path_cannot_forge_a_line(stack: Stack) -> None:
+    path = "/public/x%0a" + quote(FORGED) + "%0d%1b%5b2K%e2%80%a8"
+    with configured("text") as buf:
+        async with aiohttp.ClientSession() as anon:
+            async with anon.get(URL(stack.url + path, encoded=True)) as resp:
+                status = resp.status  # whatever the upstream makes of the path
+
+    access = [ln for ln in buf.getvalue().splitlines() if "gateway.access" in ln]
+    assert len(access) == 1, buf.getvalue()
+    heads = assert_one_line_per_record(buf.getvalue(), len(buf.getvalue().splitlines()))
+    line = next(h for h in heads if "gateway.access" in h)
+    assert "/public/x\\n" + FORGED + "\\r\\x1b[2K\\u2028" in line
+    assert f" status={status} " in line and " duration_ms=" in line
+
+
+async def test_json_log_path_holds_no_control_character_once_decoded(stack: Stack) -> None:
+    with configured("json") as buf:
+        async with aiohttp.ClientSession() as anon:
+            url = URL(stack.url + "/public/x%0a%1b%e2%80%ae", encoded=True)
+            async with anon.get(url) as resp:
+                assert resp.status == 404  # the echo upstream serves no such path
+    records = [json.loads(ln) for ln in buf.getvalue().splitlines()]
+    access = [r for r in records if r["logger"] == "gateway.access"]
+    assert len(access) == 1
+    assert access[0]["path"] == "/public/x\\n\\x1b\\u202e"
+    assert access[0]["message"] == "GET /public/x\\n\\x1b\\u202e 404"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", access[0]["time"])
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_field_and_the_exception_text_are_escaped(fmt: str) -> None:
+    with configured(fmt) as buf:
+        lg = logging.getLogger("gateway.test")
+        lg.warning("message %s", HOSTILE, extra={"header": HOSTILE, HOSTILE: 1, "n": [HOSTILE]})
+        try:
+            raise ValueError(HOSTILE)
+        except ValueError:
+            lg.exception("failed on %s", HOSTILE)
+    out = buf.getvalue()
+    want = "a\\nb\\rc\\td\\x00e\\x1b[31mf\\x7fg\\x85h\\u2028i\\u202ej\\u200bk\\\\n"
+    if fmt == "text":
+        heads = assert_one_line_per_record(out, 2)
+        assert f"message {want}" in heads[0] and f"header={want}" in heads[0]
+        assert f"{want}=1" in heads[0]
+        assert f"    ValueError: {want}" in out.splitlines()
+    else:
+        first, second = (json.loads(ln) for ln in out.splitlines())
+        assert first["message"] == f"message {want}"
+        assert first["header"] == want and first[want] == 1 and first["n"] == [want]
+        assert second["exc_info"][-1] == f"ValueError: {want}"
+        for record in (first, second):
+            for value in json.dumps(record, ensure_ascii=False):
+                assert value.isprintable()
+    assert HOSTILE not in out
