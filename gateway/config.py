@@ -104,7 +104,12 @@ class ProviderSettings(_Model):
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
     client_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] | None = None
-    scopes: tuple[str, ...] = ("openid", "email", "profile", "offline_access")
+    # None: openid email profile, plus offline_access when the provider offers it.
+    scopes: tuple[str, ...] | None = None
+    # The OIDC ``prompt`` sent with every authorization request (e.g. consent); none by default.
+    prompt: str | None = Field(
+        None, pattern=r"^(none|login|consent|select_account)( (login|consent|select_account))*$"
+    )
     bearer_audiences: tuple[str, ...] = ()
     authorization_endpoint: str | None = None
     token_endpoint: str | None = None

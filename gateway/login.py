@@ -118,6 +118,12 @@ async def callback(request: web.Request) -> web.StreamResponse:
     """The redirect_uri. Every answer is no-store and no-referrer (SECURITY.md 8)."""
     try:
         resp = await _callback(request)
+    except ProviderDenied as exc:
+        log.info("sign-in refused by the provider: %s", exc.error, extra={"error": exc.error})
+        raise
+    except LoginFlowError as exc:
+        log.info("sign-in callback refused: %s", exc.message, extra={"reason": exc.message})
+        raise
     except web.HTTPException as exc:
         exc.headers.update(NO_STORE)
         raise
@@ -154,17 +160,23 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         raise ProviderUnavailable() from None
 
     # RFC 9207 §2.4: the iss parameter must name our issuer when present, and be present
-    # when the provider says it sends it.
+    # when the provider says it sends it. An error response accepts nothing, so one without
+    # iss is still shown as the provider's error (the missing iss is logged); one naming
+    # another issuer is refused as such (a mix-up attempt).
     iss = q.get("iss")
     if iss is not None and iss != meta.issuer:
         raise LoginFlowError("The sign-in response came from an unexpected issuer.")
-    if iss is None and meta.iss_parameter_supported:
-        raise LoginFlowError("The sign-in response did not name its issuer.")
-
     error = q.get("error")
     if error is not None:
         err = error if _OAUTH_ERROR_RE.match(error) else "invalid_response"
+        if iss is None and meta.iss_parameter_supported:
+            log.warning(
+                "the provider's error response did not name its issuer (RFC 9207)",
+                extra={"error": err},
+            )
         raise ProviderDenied(err, q.get("error_description"))
+    if iss is None and meta.iss_parameter_supported:
+        raise LoginFlowError("The sign-in response did not name its issuer.")
     code = q.get("code")
     if not code:
         raise LoginFlowError("The sign-in response has no authorization code.")
@@ -199,7 +211,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
             raise LoginFlowError() from None
         except ProviderTransportError:
             raise ProviderUnavailable() from None
-    elif "openid" in provider.settings.scopes:
+    elif "openid" in provider.scopes(meta):
         log.warning("the provider returned no ID token for an openid request")
         raise LoginFlowError()
     userinfo = await provider.userinfo(token_resp.access_token)

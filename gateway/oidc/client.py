@@ -130,6 +130,8 @@ class ProviderClient:
                     meta = ProviderMetadata.from_discovery(doc, s)
                 except ValueError as exc:
                     raise ProviderTransportError(str(exc)) from None
+                if not (meta.revocation_endpoint and meta.introspection_endpoint):
+                    meta = await self._with_rfc8414(meta)
             else:
                 meta = ProviderMetadata.from_settings(s)
             self._meta = meta
@@ -139,6 +141,45 @@ class ProviderClient:
             except ProviderTransportError:
                 log.warning("provider JWKS not loaded yet; will retry on first use")
         return meta
+
+    async def _with_rfc8414(self, meta: ProviderMetadata) -> ProviderMetadata:
+        """CONTRACT "Provider metadata": discovery lacks the revocation or introspection
+        endpoint, so read the issuer's RFC 8414 document too (its §3.1 URL, then the
+        issuer-relative one many providers serve); a missing document changes nothing."""
+        parts = urlsplit(meta.issuer)
+        path = parts.path.rstrip("/")
+        urls = [f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{path}"]
+        if path:
+            urls.append(
+                f"{parts.scheme}://{parts.netloc}{path}/.well-known/oauth-authorization-server"
+            )
+        for url in urls:
+            try:
+                doc = await self._get_json(url)
+            except ProviderTransportError as exc:
+                log.info("no RFC 8414 metadata: %s", exc)
+                continue
+            merged = meta.with_oauth_metadata(doc)
+            if merged is not meta:
+                log.info(
+                    "endpoints from RFC 8414 metadata",
+                    extra={
+                        "revocation_endpoint": merged.revocation_endpoint,
+                        "introspection_endpoint": merged.introspection_endpoint,
+                    },
+                )
+            return merged
+        return meta
+
+    def scopes(self, meta: ProviderMetadata) -> tuple[str, ...]:
+        """The configured scopes, or the default for this provider (CONTRACT "Provider
+        metadata"): openid email profile, plus offline_access unless the provider publishes
+        a scopes_supported list without it."""
+        if self.settings.scopes is not None:
+            return self.settings.scopes
+        base = ("openid", "email", "profile")
+        listed = meta.scopes_supported
+        return (*base, "offline_access") if listed is None or "offline_access" in listed else base
 
     async def metadata(self) -> ProviderMetadata:
         """Loaded metadata, loading it now if an earlier attempt failed (rate-limited)."""
@@ -172,15 +213,16 @@ class ProviderClient:
             response_type="code",
             client_id=self.settings.client_id,
             redirect_uri=self.redirect_uri,
-            scope=" ".join(self.settings.scopes),
+            scope=" ".join(self.scopes(meta)),
             state=state,
             nonce=nonce,
             code_challenge=challenge,
             code_challenge_method="S256",
         )
-        if "offline_access" in self.settings.scopes and "prompt" not in params:
-            # OIDC Core §11: offline_access is ignored unless consent is prompted for.
-            params["prompt"] = "consent"
+        if self.settings.prompt and "prompt" not in params:
+            # Only when the operator asks (some providers, oidc-provider by default, ignore
+            # offline_access without prompt=consent, OIDC Core §11; most do not need it).
+            params["prompt"] = self.settings.prompt
         sep = "&" if urlsplit(meta.authorization_endpoint).query else "?"
         return meta.authorization_endpoint + sep + urlencode(params, quote_via=quote)
 
