@@ -296,6 +296,25 @@ class ProviderClient:
             raise OAuthError(err, desc if isinstance(desc, str) else None, status)
         return status, data
 
+    async def check_client_auth(self, meta: ProviderMetadata) -> tuple[int, str | None]:
+        """``check-config --probe``: redeem a code that does not exist, authenticated as the
+        client. The answer's HTTP status and OAuth ``error``: ``invalid_grant`` means the
+        provider accepted the client and refused only the code; ``invalid_client`` (or a 401)
+        means the client id or secret is wrong. Raises ProviderTransportError without answer."""
+        import secrets
+
+        form = {
+            "grant_type": "authorization_code",
+            "code": "gateway-probe-" + secrets.token_urlsafe(16),
+            "redirect_uri": self.redirect_uri,
+            "code_verifier": secrets.token_urlsafe(48),
+        }
+        try:
+            status, _ = await self._post(meta.token_endpoint, form)
+        except OAuthError as exc:
+            return exc.status or 400, exc.error
+        return status, None
+
     async def exchange_code(self, code: str, verifier: str) -> TokenResponse:
         meta = await self.metadata()
         form = {
