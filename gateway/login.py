@@ -197,7 +197,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         log.info("code exchange refused: %s", exc.error)
         raise LoginFlowError() from None
     except ProviderTransportError as exc:
-        log.warning("code exchange failed: %s", exc)
+        log.info("code exchange failed: %s", exc)  # warned (rate-limited) by the client
         raise ProviderUnavailable() from None
 
     id_claims: dict[str, object] = {}

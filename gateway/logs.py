@@ -24,6 +24,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
+import aiohttp
 from pythonjsonlogger.json import JsonFormatter
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -205,7 +206,7 @@ class WarnLimiter:
         if seen is not None and seen[1]:
             extra["suppressed"] = seen[1]
         self._causes[cause] = (now, 0)
-        self.log.warning(msg, *args, extra=extra)
+        self.log.warning(msg, *args, extra=extra, stacklevel=2)
         return True
 
     def ok(self, prefix: str, msg: str, *args: object) -> bool:
@@ -220,9 +221,38 @@ class WarnLimiter:
         extra: dict[str, Any] = {"cause": ", ".join(gone)}
         if held:
             extra["suppressed"] = held
-        self.log.info(msg, *args, extra=extra)
+        self.log.info(msg, *args, extra=extra, stacklevel=2)
         return True
 
     @property
     def failing(self) -> tuple[str, ...]:
         return tuple(self._causes)
+
+
+def transport_cause(exc: BaseException) -> str:
+    """What went wrong on a connection, in a few words and without any URL or secret:
+    ``connection refused``, ``connect timeout``, ``read timeout``, ``name not resolved``..."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect timeout"
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return "read timeout"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "name not resolved"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            return "connection refused"
+        return (os_error.strerror or type(os_error).__name__).lower()
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "closed the connection without an answer"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, ValueError):
+        return "not JSON"
+    return type(exc).__name__

@@ -34,11 +34,14 @@ from pythonjsonlogger.json import JsonFormatter
 from yarl import URL
 
 from gateway import keys
+from gateway.config import ProviderSettings
 from gateway.devidp.keys import corrupt_signature
 from gateway.echo import RunningEcho, start_echo
-from gateway.logs import configure_logging
+from gateway.errors import ProviderTransportError
+from gateway.logs import TextFormatter, WarnLimiter, configure_logging
+from gateway.oidc import ProviderClient
 from gateway.session import Ticket
-from tests.conftest import CLIENT_SECRET, RedisServer, Stack
+from tests.conftest import CLIENT_SECRET, RedisServer, Stack, free_port
 from tests.idp_client import http_login
 from tests.test_backchannel import logout_token
 from tests.test_login import callback_url, fetch, open_flow, query_of
@@ -394,7 +397,15 @@ async def test_access_log_line_fields_and_never_the_query(
         ) as resp,
     ):
         assert resp.status == 302
+    # A signed-in request names the user (its sub, never a token), in both formats.
+    async with browser.get(stack.url + "/x", headers={"X-Request-Id": "rid-4"}) as resp:
+        assert resp.status == 200
     by_id = {getattr(r, "request_id", None): r for r in access_records(capture)}
+    assert vars(by_id["rid-4"])["sub"] == "alice"
+    assert "sub" not in vars(by_id["rid-1"])  # a public route does not look at the session
+    assert json.loads(capture.json.format(by_id["rid-4"]))["sub"] == "alice"
+    text_line = TextFormatter().format(by_id["rid-4"])
+    assert " sub=alice" in text_line and " duration_ms=" in text_line
     assert vars(by_id["rid-2"])["route"] == "gateway"
     assert (vars(by_id["rid-3"])["route"], vars(by_id["rid-3"])["status"]) == ("/", 302)
 
@@ -557,3 +568,88 @@ def test_every_field_and_the_exception_text_are_escaped(fmt: str) -> None:
             for value in json.dumps(record, ensure_ascii=False):
                 assert value.isprintable()
     assert HOSTILE not in out
+
+
+# -- warnings that explain an outage, rate-limited, and the recovery (issue 10 item 2) -------------
+
+
+def test_warn_limiter_one_line_per_cause_per_interval_and_a_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    limiter = WarnLimiter(logging.getLogger("gateway.test"), interval=10, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="gateway.test")
+    logged = [limiter.warn("upstream a:1 connection refused", "down %s", "a:1") for _ in range(5)]
+    assert logged == [True, False, False, False, False]
+    assert limiter.warn("upstream b:2 connection refused", "down %s", "b:2")  # another cause
+    now[0] += 10
+    assert limiter.warn("upstream a:1 connection refused", "down %s", "a:1")
+    assert limiter.ok("upstream a:1 ", "a:1 up") and not limiter.ok("upstream a:1 ", "a:1 up")
+    lines = [(r.levelname, r.getMessage(), r.__dict__.get("suppressed")) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "down a:1", None),
+        ("WARNING", "down b:2", None),
+        ("WARNING", "down a:1", 4),
+        ("INFO", "a:1 up", None),
+    ]
+
+
+async def test_upstream_outage_warns_once_with_its_cause_then_logs_the_recovery(
+    make_stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    dead = {"prefix": "/dead", "upstream": f"http://127.0.0.1:{port}", "auth": "none"}
+    stack = await make_stack(routes=[dead, {"prefix": "/", "upstream": "http://127.0.0.1:9"}])
+    caplog.set_level(logging.INFO, logger="gateway.proxy")
+    async with aiohttp.ClientSession() as anon:
+        for _ in range(4):
+            async with anon.get(stack.url + "/dead/x") as resp:
+                assert resp.status == 502
+        echo = await start_echo(port=port)
+        try:
+            async with anon.get(stack.url + "/dead/x") as resp:
+                assert resp.status == 200  # answered by the echo upstream again
+        finally:
+            await echo.close()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.proxy"]
+    assert lines == [
+        ("WARNING", f"upstream 127.0.0.1:{port} failed: connection refused (answered 502)"),
+        ("INFO", f"upstream 127.0.0.1:{port} answers again"),
+    ]
+    assert caplog.records[-1].__dict__["suppressed"] == 3
+
+
+async def test_upstream_timeout_warns_with_its_cause(
+    make_stack: Any, caplog: pytest.LogCaptureFixture, echo: RunningEcho
+) -> None:
+    route = {
+        "prefix": "/_echo",
+        "upstream": str(echo.url),
+        "auth": "none",
+        "timeouts": {"read": "200ms"},
+    }
+    stack = await make_stack(echo=echo, routes=[route])
+    caplog.set_level(logging.INFO, logger="gateway.proxy")
+    async with aiohttp.ClientSession() as anon:
+        async with anon.get(stack.url + "/_echo/slow?delay=5&secret=s3cr3t-value") as resp:
+            assert resp.status == 504
+    (record,) = [r for r in caplog.records if r.name == "gateway.proxy"]
+    host = URL(str(echo.url)).raw_authority
+    assert record.getMessage() == f"upstream {host} failed: read timeout (answered 504)"
+    assert "s3cr3t" not in repr(vars(record))
+
+
+async def test_provider_outage_warns_once_with_its_cause(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.oidc")
+    issuer = f"http://127.0.0.1:{free_port()}"
+    settings = ProviderSettings(issuer=issuer, client_id="c", client_secret="s")
+    async with aiohttp.ClientSession() as http:
+        provider = ProviderClient(settings, "http://127.0.0.1:1/oauth2/callback", http)
+        for _ in range(3):
+            with pytest.raises(ProviderTransportError):
+                await provider.load()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        f"provider failure: GET {issuer}/.well-known/openid-configuration failed: "
+        "connection refused"
+    ]

@@ -21,6 +21,7 @@ import aiohttp
 
 from gateway.config import ProviderSettings
 from gateway.errors import OAuthError, ProviderTransportError
+from gateway.logs import WarnLimiter, transport_cause
 from gateway.oidc.jwks import JwksCache
 from gateway.oidc.metadata import ProviderMetadata
 from gateway.oidc.validate import IdTokenValidator
@@ -100,6 +101,7 @@ class ProviderClient:
         self._meta: ProviderMetadata | None = None
         self._meta_lock = asyncio.Lock()
         self._last_attempt = 0.0
+        self._warn = WarnLimiter(log)
         self.jwks = JwksCache(self._get_json, lambda: self._meta.jwks_uri if self._meta else None)
         self.validator = IdTokenValidator(
             self.jwks,
@@ -193,15 +195,31 @@ class ProviderClient:
         try:
             async with self._http.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise ProviderTransportError(f"GET {_safe(url)} answered {resp.status}")
+                    raise self._failed("GET", url, f"answered {resp.status}", resp.status)
                 body = await resp.content.read(_MAX_DOC + 1)
                 if len(body) > _MAX_DOC:
-                    raise ProviderTransportError(f"GET {_safe(url)} answered too much")
+                    raise self._failed("GET", url, "answered too much")
                 import json
 
-                return json.loads(body)
+                data = json.loads(body)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise ProviderTransportError(f"GET {_safe(url)} failed: {type(exc).__name__}") from None
+            raise self._failed("GET", url, f"failed: {transport_cause(exc)}") from None
+        self._recovered(url)
+        return data
+
+    def _failed(
+        self, method: str, url: str, why: str, status: int | None = None
+    ) -> ProviderTransportError:
+        """The error to raise for a provider that gave no usable answer, with one rate-limited
+        WARNING per cause (gateway.logs.WarnLimiter). A 404 for an optional document (RFC 8414
+        metadata) is not a provider failure and is not warned about."""
+        text = f"{method} {_safe(url)} {why}"
+        if status != 404:
+            self._warn.warn(f"provider {_origin(url)} {why}", "provider failure: %s", text)
+        return ProviderTransportError(text)
+
+    def _recovered(self, url: str) -> None:
+        self._warn.ok(f"provider {_origin(url)} ", "provider %s answers again", _origin(url))
 
     # -- front channel ---------------------------------------------------------------------
 
@@ -275,11 +293,10 @@ class ProviderClient:
                 body = await resp.content.read(_MAX_DOC + 1)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderTransportError(
-                f"POST {_safe(url)} failed: {type(exc).__name__}"
-            ) from None
+            raise self._failed("POST", url, f"failed: {transport_cause(exc)}") from None
         if status >= 500 or len(body) > _MAX_DOC:
-            raise ProviderTransportError(f"POST {_safe(url)} answered {status}")
+            raise self._failed("POST", url, f"answered {status}")
+        self._recovered(url)
         data: Any = None
         if body:
             try:
@@ -386,3 +403,8 @@ def _safe(url: str) -> str:
     """A URL for logs: scheme, host and path only (never a query that might carry a token)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
