@@ -27,7 +27,7 @@ from gateway.metrics import METRICS, Metrics, metrics_handler, metrics_listener
 from gateway.middleware import access_log, errors, on_response_prepare
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
-from gateway.pages import NO_STORE
+from gateway.pages import NO_STORE, Pages
 from gateway.policy import RouteTable
 from gateway.proxy import Forwarder, make_upstream_client
 from gateway.sessions import SessionManager
@@ -49,6 +49,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     )
     app[keys.COOKIES] = CookiePolicy.from_settings(settings.session)
     app[keys.ROUTES] = RouteTable(settings.routes)
+    app[keys.PAGES] = Pages(settings.pages)
     app[METRICS] = Metrics()
     app[ASSERTION] = AssertionSigner.from_settings(settings)
     app.on_response_prepare.append(on_response_prepare)

@@ -294,6 +294,48 @@ class LogoutSettings(_Model):
         return tuple(out)
 
 
+class PagesSettings(_Model):
+    """The gateway's own pages: a site title and logo, and templates that replace the built-in
+    ones (``base.html``, ``error.html``, ``sign_out.html``, ``signed_out.html``)."""
+
+    title: str | None = Field(default=None, max_length=100)
+    logo_url: str | None = None
+    templates_dir: str | None = None
+
+    @field_validator("logo_url")
+    @classmethod
+    def _logo(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+            return v
+        if not parts.scheme and not parts.netloc and v.startswith("/"):
+            return v
+        raise ValueError("must be an http(s) URL or a path on this site such as /logo.png")
+
+    @field_validator("templates_dir")
+    @classmethod
+    def _templates(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        folder = Path(v)
+        if not folder.is_dir():
+            raise ValueError("is not a directory")
+        from jinja2 import Environment, TemplateSyntaxError
+
+        for file in sorted(folder.glob("*.html")):
+            try:
+                Environment(autoescape=True).parse(file.read_text(encoding="utf-8"))
+            except TemplateSyntaxError as exc:
+                raise ValueError(f"{file.name} line {exc.lineno}: {exc.message}") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read {file.name} ({type(exc).__name__})") from None
+        return v
+
+
 class ObservabilitySettings(_Model):
     metrics_listen: str | None = None
     log_format: Literal["json", "text"] = "json"
@@ -373,6 +415,7 @@ class Settings(_Model):
     logout: LogoutSettings = LogoutSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     assertion: AssertionSettings = AssertionSettings()
+    pages: PagesSettings = PagesSettings()
 
     @property
     def redirect_uri(self) -> str:

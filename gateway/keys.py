@@ -13,6 +13,7 @@ from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing
 from gateway.metrics import METRICS as METRICS
 from gateway.oidc import ProviderClient
+from gateway.pages import Pages
 from gateway.policy import RouteTable
 from gateway.session import Identity
 from gateway.sessions import SessionManager
@@ -30,6 +31,7 @@ SESSIONS = web.AppKey("sessions", SessionManager)
 ROUTES = web.AppKey("routes", RouteTable)
 FORWARDERS = web.AppKey("forwarders", dict[int, "Forwarder"])
 BEARER = web.AppKey("bearer", BearerVerifier)
+PAGES = web.AppKey("pages", Pages)
 # ASSERTION and METRICS are defined next to their handlers and re-exported here.
 
 # Per-request values.

@@ -8,7 +8,6 @@ validates the ID token with the nonce. Only then is anything written to the stor
 
 from __future__ import annotations
 
-import html
 import logging
 import re
 import secrets
@@ -31,7 +30,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.flow import LoginState, flow_id_for
-from gateway.pages import NO_STORE, page, redirect
+from gateway.pages import NO_STORE, denied_response, redirect
 from gateway.redirects import safe_redirect, same_origin_path
 from gateway.sessions import identity_from, tokens_from
 
@@ -247,7 +246,7 @@ async def userinfo(request: web.Request) -> web.StreamResponse:
     return web.json_response(body, headers=NO_STORE)
 
 
-def denied_page(exc: ProviderDenied) -> web.Response:
+def denied_page(request: web.Request, exc: ProviderDenied) -> web.Response:
     """SECURITY.md 7: a clear page, no loop, nothing echoed unescaped."""
     what = {
         "access_denied": "You declined the request, so you are not signed in.",
@@ -255,9 +254,4 @@ def denied_page(exc: ProviderDenied) -> web.Response:
         "consent_required": "The identity provider needs your consent first.",
         "interaction_required": "The identity provider needs you to interact with it first.",
     }.get(exc.error, "The identity provider did not sign you in.")
-    body = (
-        f"<p>{html.escape(what)}</p>"
-        f"<p class=code>error: {html.escape(exc.error)}</p>"
-        '<p><a href="/oauth2/start">Try signing in again</a></p>'
-    )
-    return page("Not signed in", body, 400)
+    return denied_response(request, exc.error, what)

@@ -47,7 +47,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         resp = await handler(request)
     except ProviderDenied as exc:
-        return denied_page(exc)
+        return denied_page(request, exc)
     except GatewayError as exc:
         _count_error(request, exc)
         link = None
