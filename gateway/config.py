@@ -336,10 +336,21 @@ class PagesSettings(_Model):
         return v
 
 
+class TracingSettings(_Model):
+    """OpenTelemetry spans (needs the ``otel`` extra); off by default."""
+
+    enabled: bool = False
+    service_name: str = "gateway"
+    exporter: Literal["otlp", "console", "none"] = "otlp"
+    endpoint: str | None = None  # OTLP/HTTP; default: $OTEL_EXPORTER_OTLP_ENDPOINT or localhost
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
 class ObservabilitySettings(_Model):
     metrics_listen: str | None = None
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tracing: TracingSettings = TracingSettings()
 
     @field_validator("metrics_listen")
     @classmethod

@@ -140,12 +140,14 @@ class Gate:
         cookie, see ``keys.CLEAR_SESSION``); Forbidden when the route's policy refuses it.
         """
         app = request.app
-        sessions = app[keys.SESSIONS]
-        loaded = await sessions.open(request.cookies.get(app[keys.COOKIES].name))
+        sessions, tracing = app[keys.SESSIONS], app[keys.TRACING]
+        with tracing.span("session.load"):
+            loaded = await sessions.open(request.cookies.get(app[keys.COOKIES].name))
         if loaded is None:
             return None
         try:
-            session = await sessions.fresh(loaded)
+            with tracing.span("session.refresh"):  # a provider call only when one is due
+                session = await sessions.fresh(loaded)
         except SessionEnded:
             request[keys.CLEAR_SESSION] = True
             return None

@@ -18,6 +18,7 @@ from gateway.policy import RouteTable
 from gateway.session import Identity
 from gateway.sessions import SessionManager
 from gateway.store import SessionStore
+from gateway.tracing import Tracing
 
 if TYPE_CHECKING:
     from gateway.proxy import Forwarder
@@ -32,6 +33,7 @@ ROUTES = web.AppKey("routes", RouteTable)
 FORWARDERS = web.AppKey("forwarders", dict[int, "Forwarder"])
 BEARER = web.AppKey("bearer", BearerVerifier)
 PAGES = web.AppKey("pages", Pages)
+TRACING = web.AppKey("tracing", Tracing)
 # ASSERTION and METRICS are defined next to their handlers and re-exported here.
 
 # Per-request values.

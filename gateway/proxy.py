@@ -27,6 +27,7 @@ from yarl import URL
 from gateway.errors import BadRequest, MethodNotAllowed, UpstreamError, UpstreamTimeout
 from gateway.headers import client_headers, is_websocket_upgrade, upstream_headers
 from gateway.logs import WarnLimiter, transport_cause
+from gateway.tracing import Tracing
 
 __all__ = ["Forwarder", "ProxyTarget", "make_upstream_client"]
 
@@ -131,8 +132,14 @@ def make_upstream_client(
 class Forwarder:
     """Sends admitted requests upstream over one shared client session."""
 
-    def __init__(self, client: aiohttp.ClientSession, ws_open: Gauge | None = None) -> None:
+    def __init__(
+        self,
+        client: aiohttp.ClientSession,
+        ws_open: Gauge | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._client = client
+        self._tracing = tracing or Tracing()
         self._ws_open = ws_open  # the gateway_websockets_open gauge, when metrics are on
         self._warn = WarnLimiter(log)  # one WARNING per upstream and cause per 10 s
 
@@ -163,11 +170,25 @@ class Forwarder:
                 raise BadRequest("WebSockets are not enabled on this route")
             return await self._websocket(request, target)
         has_body = request.body_exists
+        scheme, where, _ = _upstream_base(target.upstream)
+        with self._tracing.span(
+            f"upstream {request.method}", "client", {"server.address": where, "url.scheme": scheme}
+        ) as span:
+            response = await self._forward(request, target, has_body)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    async def _forward(
+        self, request: web.Request, target: ProxyTarget, has_body: bool
+    ) -> web.StreamResponse:
+        headers = _headers(request, target, has_body=has_body)
+        self._tracing.inject(headers)  # W3C traceparent of the upstream span (when tracing)
         try:
             upstream = await self._client.request(
                 request.method,
                 upstream_url(target),
-                headers=_headers(request, target, has_body=has_body),
+                headers=headers,
                 # Streamed as it arrives: chunked unless the client sent a length.
                 data=request.content if has_body else None,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,

@@ -25,6 +25,7 @@ from gateway.logs import WarnLimiter, transport_cause
 from gateway.oidc.jwks import JwksCache
 from gateway.oidc.metadata import ProviderMetadata
 from gateway.oidc.validate import IdTokenValidator
+from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.oidc")
 _MAX_DOC = 1024 * 1024
@@ -102,6 +103,7 @@ class ProviderClient:
         self._meta_lock = asyncio.Lock()
         self._last_attempt = 0.0
         self._warn = WarnLimiter(log)
+        self.tracing = Tracing()  # the app's, set by app.py
         self.jwks = JwksCache(self._get_json, lambda: self._meta.jwks_uri if self._meta else None)
         self.validator = IdTokenValidator(
             self.jwks,
@@ -192,6 +194,10 @@ class ProviderClient:
         return await self.load()
 
     async def _get_json(self, url: str) -> Any:
+        with self.tracing.span(f"provider GET {urlsplit(url).path}", "client", _span_attrs(url)):
+            return await self._get_json_untraced(url)
+
+    async def _get_json_untraced(self, url: str) -> Any:
         try:
             async with self._http.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
@@ -285,6 +291,11 @@ class ProviderClient:
         return headers
 
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
+        what = form.get("grant_type") or urlsplit(url).path
+        with self.tracing.span(f"provider POST {what}", "client", _span_attrs(url)):
+            return await self._post_untraced(url, form)
+
+    async def _post_untraced(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
         headers = self._auth(form)
         try:
             async with self._http.post(
@@ -408,3 +419,8 @@ def _safe(url: str) -> str:
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+
+
+def _span_attrs(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    return {"server.address": parts.hostname, "server.port": parts.port, "url.path": parts.path}
