@@ -183,6 +183,7 @@ async def test_denied_consent_lands_on_not_signed_in_page(
     text = await page.inner_text("body")
     assert "You declined the request, so you are not signed in." in text
     assert "error: access_denied" in text
+    await _check_page(page, "denied", request_id=await response.header_value("X-Request-Id"))
     link = page.get_by_role("link", name="Try signing in again")
     assert await link.get_attribute("href") == "/oauth2/start"
     cookies = await context.cookies()
