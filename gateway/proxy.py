@@ -170,6 +170,8 @@ class Forwarder:
                 raise BadRequest("WebSockets are not enabled on this route")
             return await self._websocket(request, target)
         has_body = request.body_exists
+        if not self._tracing.enabled:
+            return await self._forward(request, target, has_body)
         scheme, where, _ = _upstream_base(target.upstream)
         with self._tracing.span(
             f"upstream {request.method}", "client", {"server.address": where, "url.scheme": scheme}
