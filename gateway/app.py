@@ -27,11 +27,12 @@ from gateway.metrics import METRICS, Metrics, main_port_metrics, metrics_listene
 from gateway.middleware import access_log, errors, hide_server_version, on_response_prepare
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
-from gateway.pages import NO_STORE
+from gateway.pages import NO_STORE, Pages
 from gateway.policy import RouteTable
 from gateway.proxy import Forwarder, make_upstream_client
 from gateway.sessions import SessionManager
 from gateway.store import SessionStore, open_store
+from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway")
 STORE_FACTORY: web.AppKey[Callable[[], SessionStore]] = web.AppKey("store_factory")
@@ -48,8 +49,11 @@ def create_app(
     shared: bool = False,
 ) -> web.Application:
     hide_server_version()
+    tracing = Tracing.from_settings(settings.observability.tracing)
     app = web.Application(
-        middlewares=[access_log, errors],
+        middlewares=[tracing.middleware(), access_log, errors]
+        if tracing.enabled
+        else [access_log, errors],
         handler_args={"max_field_size": settings.server.max_header_size},
         client_max_size=1024 * 1024,
     )
@@ -61,6 +65,9 @@ def create_app(
     app[keys.ROUTES] = RouteTable(
         settings.routes, case_insensitive=settings.server.case_insensitive_routes
     )
+    app[keys.PAGES] = Pages(settings.pages)
+    app[keys.TRACING] = tracing
+    app.on_cleanup.append(lambda app: app[keys.TRACING].shutdown())
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[SHARED] = shared
     app[ASSERTION] = AssertionSigner.from_settings(settings)
@@ -111,6 +118,7 @@ async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     http = make_provider_http(settings.provider)
     provider = ProviderClient(settings.provider, settings.redirect_uri, http)
+    provider.tracing = app[keys.TRACING]
     app[keys.PROVIDER] = provider
     app[keys.SESSIONS] = SessionManager(settings.session, app[keys.STORE], app[keys.RING], provider)
     app[keys.SESSIONS].on_refresh = app[METRICS].refreshed
@@ -134,7 +142,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             clients[tls] = make_upstream_client(
                 ca_file=route.tls_ca_file, verify_tls=route.tls_verify
             )
-        forwarders[index] = Forwarder(clients[tls], ws_open=app[METRICS].websockets)
+        forwarders[index] = Forwarder(
+            clients[tls], ws_open=app[METRICS].websockets, tracing=app[keys.TRACING]
+        )
     app[keys.FORWARDERS] = forwarders
     yield
     for client in clients.values():

@@ -54,8 +54,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     results = asyncio.run(probe(settings))
     ok = True
     for name, passed, detail in results:
-        ok = ok and passed
-        print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
+        ok = ok and passed is not False
+        label = "WARN" if passed is None else "ok  " if passed else "FAIL"
+        print(f"{label} {name}: {detail}")
     return 0 if ok else 1
 
 

@@ -253,7 +253,12 @@ class ProviderSettings(_Model):
     # Pushed authorization requests (RFC 9126): auto follows the provider's metadata.
     par: Literal["auto", "required", "off"] = "auto"
     pushed_authorization_request_endpoint: str | None = None
-    scopes: tuple[str, ...] = ("openid", "email", "profile", "offline_access")
+    # None: openid email profile, plus offline_access when the provider offers it.
+    scopes: tuple[str, ...] | None = None
+    # The OIDC ``prompt`` sent with every authorization request (e.g. consent); none by default.
+    prompt: str | None = Field(
+        None, pattern=r"^(none|login|consent|select_account)( (login|consent|select_account))*$"
+    )
     bearer_audiences: tuple[str, ...] = ()
     # Most introspection calls per second for tokens not in the cache (a token bucket
     # holding one second's worth); beyond it such a request is 503 with Retry-After.
@@ -454,11 +459,64 @@ class LogoutSettings(_Model):
         return tuple(out)
 
 
+class PagesSettings(_Model):
+    """The gateway's own pages: a site title and logo, and templates that replace the built-in
+    ones (``base.html``, ``error.html``, ``sign_out.html``, ``signed_out.html``)."""
+
+    title: str | None = Field(default=None, max_length=100)
+    logo_url: str | None = None
+    templates_dir: str | None = None
+
+    @field_validator("logo_url")
+    @classmethod
+    def _logo(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+            return v
+        if not parts.scheme and not parts.netloc and v.startswith("/"):
+            return v
+        raise ValueError("must be an http(s) URL or a path on this site such as /logo.png")
+
+    @field_validator("templates_dir")
+    @classmethod
+    def _templates(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        folder = Path(v)
+        if not folder.is_dir():
+            raise ValueError("is not a directory")
+        from jinja2 import Environment, TemplateSyntaxError
+
+        for file in sorted(folder.glob("*.html")):
+            try:
+                Environment(autoescape=True).parse(file.read_text(encoding="utf-8"))
+            except TemplateSyntaxError as exc:
+                raise ValueError(f"{file.name} line {exc.lineno}: {exc.message}") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read {file.name} ({type(exc).__name__})") from None
+        return v
+
+
+class TracingSettings(_Model):
+    """OpenTelemetry spans (needs the ``otel`` extra); off by default."""
+
+    enabled: bool = False
+    service_name: str = "gateway"
+    exporter: Literal["otlp", "console", "none"] = "otlp"
+    endpoint: str | None = None  # OTLP/HTTP; default: $OTEL_EXPORTER_OTLP_ENDPOINT or localhost
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
 class ObservabilitySettings(_Model):
     metrics_listen: str | None = None
     metrics_public: bool = False  # /metrics on the main port for every peer, not only loopback
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tracing: TracingSettings = TracingSettings()
 
     @field_validator("metrics_listen")
     @classmethod
@@ -539,6 +597,7 @@ class Settings(_Model):
     logout: LogoutSettings = LogoutSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     assertion: AssertionSettings = AssertionSettings()
+    pages: PagesSettings = PagesSettings()
 
     @property
     def redirect_uri(self) -> str:

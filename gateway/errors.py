@@ -78,19 +78,19 @@ class PayloadTooLarge(GatewayError):
 class UpstreamError(GatewayError):
     status = 502
     code = "bad_gateway"
-    public_message = "The upstream service is unavailable."
+    public_message = "The application behind this address did not answer."
 
 
 class UpstreamTimeout(GatewayError):
     status = 504
     code = "gateway_timeout"
-    public_message = "The upstream service took too long to answer."
+    public_message = "The application behind this address took too long to answer."
 
 
 class StoreUnavailable(GatewayError):
     status = 503
     code = "session_store_unavailable"
-    public_message = "Sessions are temporarily unavailable. Please retry in a moment."
+    public_message = "Signing in is briefly unavailable here. Please try again in a moment."
 
     def __init__(self, message: str | None = None):
         super().__init__(message, headers={"Retry-After": "5"})
@@ -99,7 +99,7 @@ class StoreUnavailable(GatewayError):
 class ProviderUnavailable(GatewayError):
     status = 503
     code = "provider_unavailable"
-    public_message = "The identity provider is temporarily unavailable. Please retry shortly."
+    public_message = "The sign-in service is briefly unavailable. Please try again in a moment."
 
     def __init__(self, message: str | None = None):
         super().__init__(message, headers={"Retry-After": "10"})

@@ -222,15 +222,18 @@ class Gate:
         cookie, see ``keys.CLEAR_SESSION``); Forbidden when the route's policy refuses it.
         """
         app = request.app
-        sessions = app[keys.SESSIONS]
-        loaded = await sessions.open(request.cookies.get(app[keys.COOKIES].name))
+        sessions, tracing = app[keys.SESSIONS], app[keys.TRACING]
+        with tracing.span("session.load"):
+            loaded = await sessions.open(request.cookies.get(app[keys.COOKIES].name))
         if loaded is None:
             return None
         try:
-            session = await sessions.fresh(loaded)
+            with tracing.span("session.refresh"):  # a provider call only when one is due
+                session = await sessions.fresh(loaded)
         except SessionEnded:
             request[keys.CLEAR_SESSION] = True
             return None
+        request[keys.IDENTITY] = session.identity
         decision = check_requirements(route.settings, session.identity, session.tokens.scope)
         if not decision.allowed:
             raise Forbidden()
@@ -244,6 +247,7 @@ class Gate:
         """An API client with its own token (``accept_bearer``): no session is created; the
         upstream gets the identity from the token and the client's token as Authorization."""
         principal = await admit(request.app[keys.BEARER], route, token)
+        request[keys.IDENTITY] = principal.identity
         inject = identity_headers(route.settings.identity_headers, principal.identity)
         inject["Authorization"] = f"Bearer {token}"
         if route.settings.assertion:

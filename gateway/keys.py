@@ -13,9 +13,12 @@ from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing
 from gateway.metrics import METRICS as METRICS
 from gateway.oidc import ProviderClient
+from gateway.pages import Pages
 from gateway.policy import RouteTable
+from gateway.session import Identity
 from gateway.sessions import SessionManager
 from gateway.store import SessionStore
+from gateway.tracing import Tracing
 
 if TYPE_CHECKING:
     from gateway.proxy import Forwarder
@@ -29,6 +32,8 @@ SESSIONS = web.AppKey("sessions", SessionManager)
 ROUTES = web.AppKey("routes", RouteTable)
 FORWARDERS = web.AppKey("forwarders", dict[int, "Forwarder"])
 BEARER = web.AppKey("bearer", BearerVerifier)
+PAGES = web.AppKey("pages", Pages)
+TRACING = web.AppKey("tracing", Tracing)
 # ASSERTION and METRICS are defined next to their handlers and re-exported here.
 
 # Per-request values.
@@ -38,3 +43,6 @@ CLEAR_SESSION = web.RequestKey("clear_session_cookie", bool)
 ROUTE_LABEL = web.RequestKey("route_label", str)
 # perf_counter() when the response headers went out (latency = time to headers).
 HEADERS_AT = web.RequestKey("headers_at", float)
+# Who the request is from (a session or a bearer token): the access log's ``sub``, and the
+# 403 page's "signed in as".
+IDENTITY = web.RequestKey("identity", Identity)

@@ -8,7 +8,6 @@ validates the ID token with the nonce. Only then is anything written to the stor
 
 from __future__ import annotations
 
-import html
 import logging
 import re
 import secrets
@@ -33,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.flow import LoginState, flow_id_for
 from gateway.oidc.par import ParUnavailable
-from gateway.pages import NO_STORE, page, redirect
+from gateway.pages import NO_STORE, denied_response, redirect
 from gateway.redirects import safe_redirect, same_origin_path
 from gateway.sessions import identity_from, tokens_from
 
@@ -135,6 +134,12 @@ async def callback(request: web.Request) -> web.StreamResponse:
     """The redirect_uri. Every answer is no-store and no-referrer (SECURITY.md 8)."""
     try:
         resp = await _callback(request)
+    except ProviderDenied as exc:
+        log.info("sign-in refused by the provider: %s", exc.error, extra={"error": exc.error})
+        raise
+    except LoginFlowError as exc:
+        log.info("sign-in callback refused: %s", exc.message, extra={"reason": exc.message})
+        raise
     except web.HTTPException as exc:
         exc.headers.update(NO_STORE)
         raise
@@ -171,17 +176,23 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         raise ProviderUnavailable() from None
 
     # RFC 9207 §2.4: the iss parameter must name our issuer when present, and be present
-    # when the provider says it sends it.
+    # when the provider says it sends it. An error response accepts nothing, so one without
+    # iss is still shown as the provider's error (the missing iss is logged); one naming
+    # another issuer is refused as such (a mix-up attempt).
     iss = q.get("iss")
     if iss is not None and iss != meta.issuer:
         raise LoginFlowError("The sign-in response came from an unexpected issuer.")
-    if iss is None and meta.iss_parameter_supported:
-        raise LoginFlowError("The sign-in response did not name its issuer.")
-
     error = q.get("error")
     if error is not None:
         err = error if _OAUTH_ERROR_RE.match(error) else "invalid_response"
+        if iss is None and meta.iss_parameter_supported:
+            log.warning(
+                "the provider's error response did not name its issuer (RFC 9207)",
+                extra={"error": err},
+            )
         raise ProviderDenied(err, q.get("error_description"))
+    if iss is None and meta.iss_parameter_supported:
+        raise LoginFlowError("The sign-in response did not name its issuer.")
     code = q.get("code")
     if not code:
         raise LoginFlowError("The sign-in response has no authorization code.")
@@ -202,7 +213,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         log.info("code exchange refused: %s", exc.error)
         raise LoginFlowError() from None
     except ProviderTransportError as exc:
-        log.warning("code exchange failed: %s", exc)
+        log.info("code exchange failed: %s", exc)  # warned (rate-limited) by the client
         raise ProviderUnavailable() from None
 
     id_claims: dict[str, object] = {}
@@ -216,7 +227,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
             raise LoginFlowError() from None
         except ProviderTransportError:
             raise ProviderUnavailable() from None
-    elif "openid" in provider.settings.scopes:
+    elif "openid" in provider.scopes(meta):
         log.warning("the provider returned no ID token for an openid request")
         raise LoginFlowError()
     userinfo = await provider.userinfo(token_resp.access_token)
@@ -252,7 +263,7 @@ async def userinfo(request: web.Request) -> web.StreamResponse:
     return web.json_response(body, headers=NO_STORE)
 
 
-def denied_page(exc: ProviderDenied) -> web.Response:
+def denied_page(request: web.Request, exc: ProviderDenied) -> web.Response:
     """SECURITY.md 7: a clear page, no loop, nothing echoed unescaped."""
     what = {
         "access_denied": "You declined the request, so you are not signed in.",
@@ -260,9 +271,4 @@ def denied_page(exc: ProviderDenied) -> web.Response:
         "consent_required": "The identity provider needs your consent first.",
         "interaction_required": "The identity provider needs you to interact with it first.",
     }.get(exc.error, "The identity provider did not sign you in.")
-    body = (
-        f"<p>{html.escape(what)}</p>"
-        f"<p class=code>error: {html.escape(exc.error)}</p>"
-        '<p><a href="/oauth2/start">Try signing in again</a></p>'
-    )
-    return page("Not signed in", body, 400)
+    return denied_response(request, exc.error, what)

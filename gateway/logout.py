@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import json
 import logging
 import time
@@ -30,7 +29,7 @@ from gateway.errors import (
     StoreUnavailable,
     TokenValidationError,
 )
-from gateway.pages import NO_STORE, page, redirect
+from gateway.pages import NO_STORE, Action, pages_of, redirect
 from gateway.redirects import safe_redirect
 from gateway.session import Ticket
 from gateway.sessions import Loaded
@@ -131,21 +130,36 @@ def _confirm_page(request: web.Request, loaded: Loaded | None) -> web.StreamResp
     rd = request.query.get("rd", "")
     if safe_redirect(rd, settings.server.public_url, settings.logout.allowed_redirects) is None:
         rd = ""
-    safe_rd = html.escape(rd, quote=True)
+    pages = pages_of(request)
     if loaded is None:
-        return page("You are not signed in", '<p><a href="/">Continue</a></p>')
-    who = loaded.session.identity.email or loaded.session.identity.sub
-    body = (
-        f"<p>Signed in as <b>{html.escape(who)}</b>.</p>"
-        '<form method="post" action="/oauth2/sign_out">'
-        f'<input type="hidden" name="csrf" value="{csrf_token(loaded.ticket)}">'
-        f'<input type="hidden" name="rd" value="{safe_rd}">'
-        '<button type="submit">Sign out</button></form>'
+        return pages.render(
+            "signed_out.html",
+            "You are not signed in",
+            message="There is no session to sign out of.",
+            actions=[Action("/", "Continue", primary=True)],
+        )
+    identity = loaded.session.identity
+    who = identity.email or identity.sub
+    sign_out = Action(
+        "/oauth2/sign_out",
+        "Sign out",
+        primary=True,
+        method="post",
+        fields=(("csrf", csrf_token(loaded.ticket)), ("rd", rd)),
     )
+    # Cancel goes back where the user came from (rd, checked above), else home.
+    cancel = Action(rd or "/", "Cancel")
     # Under the default no-referrer policy browsers send `Origin: null` with the form's POST
     # (Fetch §3.1 "serializing a request origin"), which _same_origin must refuse; same-origin
     # lets the real Origin through and still sends no referrer to other sites.
-    return page("Sign out?", body, headers={"Referrer-Policy": "same-origin"})
+    return pages.render(
+        "sign_out.html",
+        "Sign out?",
+        headers={"Referrer-Policy": "same-origin"},
+        user=who,
+        message="You will be signed out of this site on this device.",
+        actions=[sign_out, cancel],
+    )
 
 
 async def signed_out(request: web.Request) -> web.StreamResponse:
@@ -167,8 +181,12 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
                 target, matched = str(data.get("target") or "/"), True
         except (OpenError, ValueError, AttributeError):
             pass
-    body = f'<p>You have been signed out.</p><p><a href="{html.escape(target, quote=True)}">Continue</a></p>'
-    resp = page("Signed out", body)
+    resp = pages_of(request).render(
+        "signed_out.html",
+        "Signed out",
+        message="You have been signed out.",
+        actions=[Action(target, "Continue", primary=True)],
+    )
     if matched:
         cookies.clear(resp, name)
     return resp

@@ -61,7 +61,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         resp = await handler(request)
     except ProviderDenied as exc:
-        return denied_page(exc)
+        return denied_page(request, exc)
     except GatewayError as exc:
         _count_error(request, exc)
         link = None
@@ -137,18 +137,17 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
                 # (provider error, bad state, store down) is a failed login.
                 result = "success" if 300 <= status < 400 else "failure"
                 metrics.logins.labels(result=result).inc()
-        log.info(
-            "%s %s %s",
-            request.method,
-            request.path,
-            status,
-            extra={
-                "request_id": rid,
-                "method": request.method,
-                "path": request.path,
-                "status": status,
-                "duration_ms": round((end - start) * 1000, 2),
-                "route": route,
-                "remote": request.remote,
-            },
-        )
+        fields: dict[str, object] = {
+            "request_id": rid,
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "duration_ms": round((end - start) * 1000, 2),
+            "route": route,
+            "remote": request.remote,
+        }
+        identity = request.get(keys.IDENTITY)
+        if identity is not None:
+            fields["sub"] = identity.sub
+        # Every field is escaped by the formatter (gateway.logs), whatever the client sent.
+        log.info("%s %s %s", request.method, request.path, status, extra=fields)

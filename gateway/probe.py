@@ -1,16 +1,21 @@
-"""``gateway check-config --probe``: contact the provider and the session store, one check each."""
+"""``gateway check-config --probe``: contact the provider and the session store, one check each.
+
+A result's second member is True (ok), False (FAIL: exit status 1) or None (WARN: printed,
+exit status unaffected). The provider check authenticates for real: it redeems a code that
+does not exist with the client's credentials, so a wrong secret fails the probe while the
+expected refusal of the code (``invalid_grant``) passes it.
+"""
 
 from __future__ import annotations
-
-import aiohttp
 
 from gateway.config import Settings
 from gateway.errors import ProviderTransportError, StoreError
 from gateway.oidc import ProviderClient, par
 from gateway.oidc.client import make_provider_http
+from gateway.oidc.metadata import ProviderMetadata
 from gateway.store import open_store
 
-Result = tuple[str, bool, str]
+Result = tuple[str, bool | None, str]
 
 
 async def probe(settings: Settings) -> list[Result]:
@@ -32,7 +37,8 @@ async def probe(settings: Settings) -> list[Result]:
                 results.append(("provider JWKS", True, f"{meta.jwks_uri}"))
             except ProviderTransportError as exc:
                 results.append(("provider JWKS", False, str(exc)))
-            results.append(await _token_endpoint(http, meta.token_endpoint))
+            results.append(await _client_auth(provider, meta))
+            results.extend(_warnings(provider, meta))
     finally:
         await http.close()
     if settings.session.store == "redis":
@@ -53,13 +59,56 @@ async def probe(settings: Settings) -> list[Result]:
     return results
 
 
-async def _token_endpoint(http: aiohttp.ClientSession, url: str) -> Result:
-    """Reachable means an HTTP answer below 500 to an empty grant (it is expected to refuse)."""
+async def _client_auth(provider: ProviderClient, meta: ProviderMetadata) -> Result:
+    name = "provider client authentication"
     try:
-        async with http.post(
-            url, data={"grant_type": "client_credentials"}, allow_redirects=False
-        ) as r:
-            ok = r.status < 500
-            return ("provider token endpoint", ok, f"answered HTTP {r.status}")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return ("provider token endpoint", False, type(exc).__name__)
+        status, error = await provider.check_client_auth(meta)
+    except ProviderTransportError as exc:
+        return (name, False, f"the token endpoint gave no usable answer ({exc})")
+    public = provider.settings.effective_auth_method == "none"
+    if error == "invalid_grant":
+        what = "client id accepted (public client)" if public else "client id and secret accepted"
+        return (name, True, f"{what}; a made-up code refused with invalid_grant")
+    if error == "invalid_client" or status == 401:
+        return (
+            name,
+            False,
+            f"the provider refused the client ({error or status}): check client_id, "
+            "client_secret and client_auth_method",
+        )
+    if error == "unauthorized_client":
+        return (name, False, "the client may not use the authorization code grant")
+    if error is None:
+        return (name, False, f"a made-up code was accepted (HTTP {status})")
+    return (name, None, f"could not tell whether the client is accepted (answered {error})")
+
+
+def _warnings(provider: ProviderClient, meta: ProviderMetadata) -> list[Result]:
+    out: list[Result] = []
+    listed = meta.scopes_supported
+    if listed is not None:
+        for scope in provider.scopes(meta):
+            if scope not in listed:
+                out.append(("provider scopes", None, f"{scope} is not in scopes_supported"))
+    if not meta.revocation_endpoint:
+        out.append(
+            ("provider revocation", None, "no revocation_endpoint: sign-out cannot revoke tokens")
+        )
+    if not meta.end_session_endpoint:
+        out.append(
+            (
+                "provider end-session",
+                None,
+                "no end_session_endpoint: sign-out cannot end the provider's session",
+            )
+        )
+    methods = meta.code_challenge_methods_supported
+    if methods is None or "S256" not in methods:
+        out.append(
+            (
+                "provider PKCE",
+                None,
+                "S256 not in code_challenge_methods_supported (PKCE is sent anyway)",
+            )
+        )
+    return out

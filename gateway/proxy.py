@@ -26,6 +26,8 @@ from yarl import URL
 
 from gateway.errors import BadRequest, MethodNotAllowed, UpstreamError, UpstreamTimeout
 from gateway.headers import OwnCookies, client_headers, is_websocket_upgrade, upstream_headers
+from gateway.logs import WarnLimiter, transport_cause
+from gateway.tracing import Tracing
 
 __all__ = ["Forwarder", "ProxyTarget", "make_upstream_client"]
 
@@ -130,9 +132,34 @@ def make_upstream_client(
 class Forwarder:
     """Sends admitted requests upstream over one shared client session."""
 
-    def __init__(self, client: aiohttp.ClientSession, ws_open: Gauge | None = None) -> None:
+    def __init__(
+        self,
+        client: aiohttp.ClientSession,
+        ws_open: Gauge | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._client = client
+        self._tracing = tracing or Tracing()
         self._ws_open = ws_open  # the gateway_websockets_open gauge, when metrics are on
+        self._warn = WarnLimiter(log)  # one WARNING per upstream and cause per 10 s
+
+    def _failed(self, target: ProxyTarget, exc: BaseException, status: int) -> None:
+        """Log why an upstream gave no answer (rate-limited; no path, query or header)."""
+        where = _upstream_base(target.upstream)[1]
+        cause = transport_cause(exc)
+        self._warn.warn(
+            f"upstream {where} {cause}",
+            "upstream %s failed: %s (answered %d)",
+            where,
+            cause,
+            status,
+            upstream=where,
+            status=status,
+        )
+
+    def _answered(self, target: ProxyTarget) -> None:
+        where = _upstream_base(target.upstream)[1]
+        self._warn.ok(f"upstream {where} ", "upstream %s answers again", where)
 
     async def forward(self, request: web.Request, target: ProxyTarget) -> web.StreamResponse:
         if request.method == "CONNECT":
@@ -143,11 +170,27 @@ class Forwarder:
                 raise BadRequest("WebSockets are not enabled on this route")
             return await self._websocket(request, target)
         has_body = request.body_exists
+        if not self._tracing.enabled:
+            return await self._forward(request, target, has_body)
+        scheme, where, _ = _upstream_base(target.upstream)
+        with self._tracing.span(
+            f"upstream {request.method}", "client", {"server.address": where, "url.scheme": scheme}
+        ) as span:
+            response = await self._forward(request, target, has_body)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    async def _forward(
+        self, request: web.Request, target: ProxyTarget, has_body: bool
+    ) -> web.StreamResponse:
+        headers = _headers(request, target, has_body=has_body)
+        self._tracing.inject(headers)  # W3C traceparent of the upstream span (when tracing)
         try:
             upstream = await self._client.request(
                 request.method,
                 upstream_url(target),
-                headers=_headers(request, target, has_body=has_body),
+                headers=headers,
                 # Streamed as it arrives: chunked unless the client sent a length.
                 data=request.content if has_body else None,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
@@ -155,13 +198,16 @@ class Forwarder:
                 timeout=_timeout(target.connect_timeout, target.read_timeout),
             )
         except TimeoutError as exc:
+            self._failed(target, exc, 504)
             raise UpstreamTimeout() from exc
         except (aiohttp.ClientError, OSError) as exc:
             if request.transport is None or request.transport.is_closing():
                 # The client abandoned its upload: nobody is left to answer, and the
                 # upstream is not at fault. 499 is nginx's "client closed request".
                 return web.Response(status=499)
+            self._failed(target, exc, 502)
             raise UpstreamError() from exc
+        self._answered(target)
         async with upstream:
             return await _relay(request, upstream, target.own_cookies)
 
@@ -183,9 +229,12 @@ class Forwarder:
                     timeout=aiohttp.ClientWSTimeout(ws_close=_WS_CLOSE_TIMEOUT),
                 )
         except TimeoutError as exc:
+            self._failed(target, exc, 504)
             raise UpstreamTimeout() from exc
         except (aiohttp.ClientError, OSError) as exc:
+            self._failed(target, exc, 502)
             raise UpstreamError() from exc
+        self._answered(target)
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             autoping=False,

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, Request, async_playwright
 
-from tests.conftest import RedisServer, Stack, StackFactory
+from gateway.echo import RunningEcho, start_echo
+from tests.conftest import RedisServer, Stack, StackFactory, free_port
 
 pytestmark = pytest.mark.browser
 
@@ -182,6 +183,7 @@ async def test_denied_consent_lands_on_not_signed_in_page(
     text = await page.inner_text("body")
     assert "You declined the request, so you are not signed in." in text
     assert "error: access_denied" in text
+    await _check_page(page, "denied", request_id=await response.header_value("X-Request-Id"))
     link = page.get_by_role("link", name="Try signing in again")
     assert await link.get_attribute("href") == "/oauth2/start"
     cookies = await context.cookies()
@@ -189,3 +191,137 @@ async def test_denied_consent_lands_on_not_signed_in_page(
     # The page stays put: no redirect loop back to the provider.
     await page.wait_for_load_state("networkidle")
     assert page.url.startswith(stack.url + "/oauth2/callback?")
+
+
+# -- the gateway's own pages, at desktop and mobile width (issue 10 item 6) -----------------------
+
+SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"  # ignored by git
+WIDTHS = {"desktop": {"width": 1000, "height": 760}, "mobile": {"width": 375, "height": 740}}
+
+
+async def _check_page(page: Page, name: str, *, request_id: str | None) -> str:
+    """Every page: fits the width (no sideways scrolling), has the viewport meta, offers at
+    least one button or link to go on, names the request id when it is an error; a PNG per
+    width goes to tests/screenshots/. Returns the page's text."""
+    text = await page.inner_text("body")
+    meta = await page.get_attribute('meta[name="viewport"]', "content")
+    assert meta is not None and "width=device-width" in meta
+    for width, size in WIDTHS.items():
+        await page.set_viewport_size(size)
+        fits = await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert fits, (name, width)
+        png = await page.screenshot(full_page=True)
+        assert png.startswith(PNG_MAGIC)
+        SCREENSHOTS.mkdir(exist_ok=True)
+        (SCREENSHOTS / f"{name}-{width}.png").write_bytes(png)
+    await page.set_viewport_size(WIDTHS["desktop"])
+    assert await page.locator(".actions a, .actions button").count() >= 1, name
+    if request_id is not None:
+        assert request_id in text, name
+    assert "upstream" not in text.lower(), name
+    return text
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[RunningEcho]:
+    running = await start_echo()
+    yield running
+    await running.close()
+
+
+async def test_every_page_explains_itself_at_desktop_and_mobile_width(
+    make_stack: StackFactory, context: BrowserContext, own_redis: RedisServer, echo: RunningEcho
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    up = str(echo.url)
+    stack: Stack = await make_stack(
+        echo=echo,
+        redis_url=own_redis.url,
+        pages={"title": "Acme Intranet"},
+        routes=[
+            {"prefix": "/admin", "upstream": up, "require": {"groups": ["admins"]}},
+            {"prefix": "/api", "upstream": up, "on_unauthenticated": "deny"},
+            {"prefix": "/down", "upstream": dead, "auth": "none"},
+            {"prefix": "/_echo", "upstream": up, "auth": "none", "timeouts": {"read": "300ms"}},
+            {"prefix": "/", "upstream": up},
+        ],
+    )
+    page = await context.new_page()
+
+    async def visit(path: str, status: int) -> str | None:
+        response = await page.goto(stack.url + path)
+        assert response is not None and response.status == status, (path, response)
+        return await response.header_value("X-Request-Id")
+
+    # 401 (an API route a browser opened): a Sign in button that comes back here.
+    rid = await visit("/api/reports?x=1", 401)
+    text = await _check_page(page, "401", request_id=rid)
+    assert await page.title() == "Please sign in · Acme Intranet"
+    assert "Acme Intranet" in text
+    link = page.get_by_role("link", name="Sign in")
+    assert await link.get_attribute("href") == "/oauth2/start?rd=/api/reports%3Fx%3D1"
+
+    # 404 and a 400 from the callback (with a way to start again).
+    rid = await visit("/oauth2/nothing", 404)
+    await _check_page(page, "404", request_id=rid)
+    rid = await visit("/oauth2/callback", 400)
+    await _check_page(page, "400-callback", request_id=rid)
+    assert await page.get_by_role("link", name="Start signing in again").count() == 1
+
+    # 502 and 504: plain words, a Try again button and the home page.
+    rid = await visit("/down/page", 502)
+    text = await _check_page(page, "502", request_id=rid)
+    assert "The application isn't answering" in text
+    assert await page.get_by_role("link", name="Try again").get_attribute("href") == ""
+    assert await page.get_by_role("link", name="Go to the home page").count() == 1
+    rid = await visit("/_echo/slow?delay=5", 504)
+    await _check_page(page, "504", request_id=rid)
+
+    # 403 for a signed-in user: who, switch account, sign out.
+    await page.goto(stack.url + "/admin/panel")
+    await _sign_in(page, stack, "bob", "bob")
+    async with page.expect_navigation(url=stack.url + "/admin/panel"):
+        await page.get_by_role("button", name="Allow").click()
+    rid = await visit("/admin/panel", 403)
+    text = await _check_page(page, "403", request_id=rid)
+    assert "Signed in as bob@example.org" in text
+    switch = await page.get_by_role("link", name="Switch account").get_attribute("href")
+    assert switch == "/oauth2/sign_out?rd=/oauth2/start%3Frd%3D/admin/panel"
+    assert await page.get_by_role("link", name="Sign out").get_attribute("href") == (
+        "/oauth2/sign_out"
+    )
+
+    # Sign-out confirmation: Cancel goes back and changes nothing.
+    await page.goto(stack.url + "/oauth2/sign_out?rd=/hello")
+    text = await _check_page(page, "sign-out", request_id=None)
+    assert "bob@example.org" in text
+    await page.get_by_role("link", name="Cancel").click()
+    await page.wait_for_url(stack.url + "/hello")
+    assert await page.title() == "Echo upstream"
+
+    # Switch account: sign out (provider too), then straight to a fresh sign-in as alice.
+    await page.goto(stack.url + switch)
+    await _check_page(page, "sign-out-switch", request_id=None)
+    await page.get_by_role("button", name="Sign out").click()
+    await page.wait_for_url(stack.url + "/oauth2/signed_out?**")
+    text = await _check_page(page, "signed-out", request_id=None)
+    assert "You have been signed out." in text
+    await page.get_by_role("link", name="Continue").click()
+    await page.wait_for_url(stack.idp.url + "/authorize?**")
+    await _sign_in(page, stack, "alice", "alice")
+    async with page.expect_navigation(url=stack.url + "/admin/panel"):
+        await page.get_by_role("button", name="Allow").click()
+    assert await page.title() == "Echo upstream"
+
+    # 503: the session store is down.
+    own_redis.stop()
+    try:
+        rid = await visit("/hello", 503)
+        text = await _check_page(page, "503", request_id=rid)
+        assert "Temporarily unavailable" in text
+    finally:
+        own_redis.start()
+
+    await page.goto(stack.url + "/oauth2/sign_out")  # the restarted store has no session
+    text = await _check_page(page, "not-signed-in", request_id=None)
+    assert "There is no session to sign out of." in text

@@ -15,6 +15,7 @@ import yaml
 
 from gateway.config import validate
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
+from gateway.devidp.config import Faults
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, StackFactory, free_port
 from tests.idp_client import http_login
 
@@ -189,13 +190,20 @@ async def test_probe_all_ok(tmp_path: Path, redis_server: RedisServer) -> None:
     assert code == 0, out + err
     lines = probe_lines(out)
     names = [line.split(":", 1)[0].split(None, 1)[1] for line in lines]
-    assert names == ["provider discovery", "provider JWKS", "provider token endpoint", "redis"]
+    assert names == [
+        "provider discovery",
+        "provider JWKS",
+        "provider client authentication",
+        "redis",
+    ]
     assert all(line.startswith("ok ") for line in lines), lines
+    assert "client id and secret accepted" in out
+    assert "WARN" not in out
     assert CLIENT_SECRET not in out + err
 
 
 async def test_probe_redis_down_exits_1(tmp_path: Path) -> None:
-    idp = await start_devidp(DevIdpConfig(users=demo_users(), clients=[]))
+    idp = await start_devidp(DevIdpConfig(users=demo_users(), clients=[PROBE_CLIENT]))
     try:
         dead = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0"
         data = config(await new_secret(tmp_path), issuer=str(idp.url), redis_url=dead)
@@ -229,6 +237,91 @@ async def test_probe_provider_down_exits_1(tmp_path: Path, redis_server: RedisSe
     assert any(line.startswith("FAIL provider discovery") for line in lines)
     assert any(line.startswith("ok ") and "redis" in line for line in lines)
     assert "Traceback" not in err
+
+
+PROBE_CLIENT = ClientRegistration(
+    client_id=CLIENT_ID,
+    client_secret=CLIENT_SECRET,
+    redirect_uris=("https://app.example.com/oauth2/callback",),
+)
+
+
+async def probe_against(
+    tmp_path: Path, redis_server: RedisServer, faults: Faults, **provider: Any
+) -> tuple[int, str, str]:
+    """``check-config --probe`` against a dev provider with these faults."""
+    idp = await start_devidp(
+        DevIdpConfig(users=demo_users(), clients=[PROBE_CLIENT], faults=faults)
+    )
+    try:
+        data = config(await new_secret(tmp_path), issuer=str(idp.url), redis_url=redis_server.url)
+        data["provider"].update(provider)
+        path = write(tmp_path / "probe.yaml", data)
+        return await gateway("check-config", "--probe", "--config", str(path), cwd=tmp_path)
+    finally:
+        await idp.close()
+
+
+async def test_probe_fails_on_a_wrong_client_secret(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    code, out, err = await probe_against(
+        tmp_path, redis_server, Faults(), client_secret="not-the-secret"
+    )
+    assert code == 1, out + err
+    failed = [ln for ln in out.splitlines() if ln.startswith("FAIL")]
+    assert len(failed) == 1, failed
+    assert failed[0].startswith("FAIL provider client authentication: the provider refused")
+    assert "invalid_client" in failed[0]
+    assert "not-the-secret" not in out + err
+
+
+async def test_probe_fails_on_an_unknown_client(tmp_path: Path, redis_server: RedisServer) -> None:
+    code, out, err = await probe_against(tmp_path, redis_server, Faults(), client_id="nobody")
+    assert code == 1, out + err
+    assert "FAIL provider client authentication" in out
+
+
+async def test_probe_warns_on_unsupported_scopes_and_missing_endpoints(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    faults = Faults(
+        scopes_supported=["openid", "email", "profile"],
+        discovery_omit=[
+            "revocation_endpoint",
+            "end_session_endpoint",
+            "code_challenge_methods_supported",
+        ],
+        no_oauth_metadata=True,
+    )
+    code, out, err = await probe_against(
+        tmp_path, redis_server, faults, scopes=["openid", "email", "groups", "offline_access"]
+    )
+    assert code == 0, out + err
+    warns = [ln for ln in out.splitlines() if ln.startswith("WARN")]
+    assert warns == [
+        "WARN provider scopes: groups is not in scopes_supported",
+        "WARN provider scopes: offline_access is not in scopes_supported",
+        "WARN provider revocation: no revocation_endpoint: sign-out cannot revoke tokens",
+        "WARN provider end-session: no end_session_endpoint: sign-out cannot end the "
+        "provider's session",
+        "WARN provider PKCE: S256 not in code_challenge_methods_supported (PKCE is sent anyway)",
+    ]
+    assert not [ln for ln in out.splitlines() if ln.startswith("FAIL")]
+
+
+async def test_probe_default_scopes_and_rfc8414_endpoints_give_no_warning(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Default scopes leave out offline_access the provider does not list; the revocation
+    endpoint missing from discovery is found in the RFC 8414 document."""
+    faults = Faults(
+        scopes_supported=["openid", "email", "profile"], discovery_omit=["revocation_endpoint"]
+    )
+    code, out, err = await probe_against(tmp_path, redis_server, faults)
+    assert code == 0, out + err
+    assert "WARN" not in out
+    assert "FAIL" not in out
 
 
 # -- sessions list / revoke ---------------------------------------------------------------------

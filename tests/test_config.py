@@ -377,7 +377,7 @@ def test_standard_base64_cookie_secret_accepted() -> None:
 @pytest.mark.parametrize(
     ("section", "key"),
     [("server", "listen"), ("provider", "client_secrets"), ("session", "cookie_domain"),
-     ("logout", "redirect"), ("observability", "tracing")],
+     ("logout", "redirect"), ("observability", "tracer")],
 )  # fmt: skip
 def test_unknown_key_refused(section: str, key: str) -> None:
     data = base_config()

@@ -93,6 +93,8 @@ class Env:
             "client_id": client.client_id,
             "client_auth_method": client.method,
             "scopes": SCOPES,
+            # oidc-provider honours offline_access only with prompt=consent (OIDC Core §11).
+            "prompt": "consent",
         }
         if client.secret is not None:
             provider["client_secret"] = client.secret

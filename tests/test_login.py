@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from http.cookies import SimpleCookie
@@ -22,6 +23,7 @@ from yarl import URL
 
 from gateway import keys
 from gateway.crypto import OpenError
+from gateway.devidp.config import Faults
 from gateway.flow import LoginState
 from gateway.session import Session, Ticket
 from tests.conftest import CLIENT_ID, RedisServer, Stack
@@ -280,3 +282,122 @@ async def test_wrong_client_auth_method_fails_cleanly(
     answer = await login(browser, stack)
     assert answer.status == 400, answer.status
     assert not answer.sets_session()
+
+
+# -- provider metadata, default scopes, prompt, error responses (CONTRACT "Provider metadata") --
+
+
+async def test_revocation_endpoint_from_rfc8414_metadata_is_used_at_sign_out(
+    make_stack: Any, browser: aiohttp.ClientSession
+) -> None:
+    """Discovery without revocation/introspection endpoints; the RFC 8414 document has them."""
+    faults = Faults(discovery_omit=["revocation_endpoint", "introspection_endpoint"])
+    stack = await make_stack(idp_config={"faults": faults})
+    async with aiohttp.ClientSession() as http:
+        discovery = json.loads(
+            (await fetch(http, stack.idp.url + "/.well-known/openid-configuration")).body
+        )
+    assert "revocation_endpoint" not in discovery
+    answer = await login(browser, stack)
+    assert answer.status == 302
+    meta = await stack.app[keys.PROVIDER].metadata()
+    assert meta.revocation_endpoint == stack.idp.url + "/revoke"
+    assert meta.introspection_endpoint == stack.idp.url + "/introspect"
+    from tests.test_logout import confirmation_form  # (test_logout imports this module)
+
+    refresh = list(stack.idp.state.refresh_tokens)[-1]
+    fields = await confirmation_form(browser, stack)
+    async with browser.post(
+        stack.url + "/oauth2/sign_out", data=fields, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303
+    assert refresh in stack.idp.state.revoked
+
+
+async def test_rfc8414_metadata_of_another_issuer_is_ignored(make_stack: Any) -> None:
+    faults = Faults(discovery_omit=["revocation_endpoint"], no_oauth_metadata=True)
+    stack = await make_stack(idp_config={"faults": faults})
+    meta = await stack.app[keys.PROVIDER].metadata()
+    assert meta.revocation_endpoint is None
+    other = meta.with_oauth_metadata(
+        {"issuer": "https://other.example", "revocation_endpoint": "https://other.example/r"}
+    )
+    assert other.revocation_endpoint is None
+
+
+@pytest.mark.parametrize(
+    ("faults", "scopes", "want"),
+    [
+        pytest.param(Faults(), None, "openid email profile offline_access", id="listed"),
+        pytest.param(
+            Faults(scopes_supported=["openid", "email", "profile"]),
+            None,
+            "openid email profile",
+            id="not-listed",
+        ),
+        pytest.param(
+            Faults(discovery_omit=["scopes_supported"]),
+            None,
+            "openid email profile offline_access",
+            id="no-list",
+        ),
+        pytest.param(
+            Faults(scopes_supported=["openid"]),
+            ["openid", "email", "offline_access"],
+            "openid email offline_access",
+            id="explicit-kept",
+        ),
+    ],
+)
+async def test_default_scopes_adapt_to_the_provider_and_no_consent_is_forced(
+    make_stack: Any,
+    browser: aiohttp.ClientSession,
+    faults: Faults,
+    scopes: list[str] | None,
+    want: str,
+) -> None:
+    stack = await make_stack(idp_config={"faults": faults}, provider={"scopes": scopes})
+    query = query_of(await start_login(browser, stack))
+    assert query["scope"] == want
+    assert "prompt" not in query
+
+
+async def test_prompt_is_sent_only_when_configured(
+    make_stack: Any, browser: aiohttp.ClientSession
+) -> None:
+    stack = await make_stack(provider={"prompt": "consent"})
+    assert query_of(await start_login(browser, stack))["prompt"] == "consent"
+
+
+async def test_provider_error_without_iss_is_shown_as_that_error_and_logged(
+    stack: Stack,
+    browser: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.login")
+    stack.idp.state.faults.omit_authz_iss = True
+    result = await http_login(browser, stack.url + "/deep", "alice", "alice", consent="deny")
+    assert result.url.startswith(stack.url + "/oauth2/callback?")
+    assert "iss=" not in result.url
+    assert result.status == 400
+    assert "You declined the request" in result.body
+    assert "did not name its issuer" not in result.body
+    assert stack.idp.state.token_calls["authorization_code"] == 0
+    assert set(redis_server.keys(stack.settings.session.key_prefix + "s:*")) == set()
+    warned = [r for r in caplog.records if "did not name its issuer" in r.getMessage()]
+    assert [(r.levelname, r.__dict__["error"]) for r in warned] == [("WARNING", "access_denied")]
+    refused = [r for r in caplog.records if r.getMessage().startswith("sign-in refused")]
+    assert [r.__dict__["error"] for r in refused] == ["access_denied"]
+
+
+async def test_callback_refusal_is_logged_with_its_reason(
+    stack: Stack, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.login")
+    answer = await fetch(browser, stack.settings.redirect_uri + "?state=short&code=x")
+    assert answer.status == 400
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("sign-in callback")]
+    assert (
+        record.__dict__["reason"] == "The sign-in response has no valid state. Please start again."
+    )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import io
 import json
 import logging
 import re
@@ -22,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from http.cookies import SimpleCookie
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import pytest
@@ -32,11 +34,14 @@ from pythonjsonlogger.json import JsonFormatter
 from yarl import URL
 
 from gateway import keys
+from gateway.config import ProviderSettings
 from gateway.devidp.keys import corrupt_signature
 from gateway.echo import RunningEcho, start_echo
-from gateway.logs import configure_logging
+from gateway.errors import ProviderTransportError
+from gateway.logs import TextFormatter, WarnLimiter, configure_logging
+from gateway.oidc import ProviderClient
 from gateway.session import Ticket
-from tests.conftest import CLIENT_SECRET, RedisServer, Stack
+from tests.conftest import CLIENT_SECRET, RedisServer, Stack, free_port
 from tests.idp_client import http_login
 from tests.test_backchannel import logout_token
 from tests.test_login import callback_url, fetch, open_flow, query_of
@@ -392,7 +397,15 @@ async def test_access_log_line_fields_and_never_the_query(
         ) as resp,
     ):
         assert resp.status == 302
+    # A signed-in request names the user (its sub, never a token), in both formats.
+    async with browser.get(stack.url + "/x", headers={"X-Request-Id": "rid-4"}) as resp:
+        assert resp.status == 200
     by_id = {getattr(r, "request_id", None): r for r in access_records(capture)}
+    assert vars(by_id["rid-4"])["sub"] == "alice"
+    assert "sub" not in vars(by_id["rid-1"])  # a public route does not look at the session
+    assert json.loads(capture.json.format(by_id["rid-4"]))["sub"] == "alice"
+    text_line = TextFormatter().format(by_id["rid-4"])
+    assert " sub=alice" in text_line and " duration_ms=" in text_line
     assert vars(by_id["rid-2"])["route"] == "gateway"
     assert (vars(by_id["rid-3"])["route"], vars(by_id["rid-3"])["status"]) == ("/", 302)
 
@@ -466,3 +479,177 @@ def test_configure_logging_writes_json_lines(capsys: pytest.CaptureFixture[str])
         "duration_ms": 1.5, "route": "/",
     }  # fmt: skip
     assert "time" in record
+
+
+# -- escaping: a client can never write a line of its choosing (issue 7 item 12) -------------
+
+
+@contextlib.contextmanager
+def configured(fmt: str) -> Iterator[io.StringIO]:
+    """``configure_logging(fmt)`` into a buffer, the previous set-up restored afterwards."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").level)
+    buf = io.StringIO()
+    try:
+        configure_logging(fmt, "info", stream=buf)
+        yield buf
+    finally:
+        root.handlers[:], level, access = saved
+        root.setLevel(level)
+        logging.getLogger("aiohttp.access").setLevel(access)
+
+
+FORGED = "2026-01-01T00:00:00.000Z INFO gateway.access: GET /admin 200 sub=alice"
+HOSTILE = "a\nb\rc\td\x00e\x1b[31mf\x7fg\x85h\u2028i\u202ej\u200bk\\n"
+
+
+def assert_one_line_per_record(text: str, records: int) -> list[str]:
+    lines = text.splitlines()
+    heads = [ln for ln in lines if not ln.startswith("    ")]
+    assert len(heads) == records, lines
+    for ln in heads:
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) ", ln), ln
+    for ln in lines:
+        assert ln.isprintable(), ln
+    return heads
+
+
+async def test_text_log_path_cannot_forge_a_line(stack: Stack) -> None:
+    path = "/public/x%0a" + quote(FORGED) + "%0d%1b%5b2K%e2%80%a8"
+    with configured("text") as buf:
+        async with aiohttp.ClientSession() as anon:
+            async with anon.get(URL(stack.url + path, encoded=True)) as resp:
+                status = resp.status  # whatever the upstream makes of the path
+
+    access = [ln for ln in buf.getvalue().splitlines() if "gateway.access" in ln]
+    assert len(access) == 1, buf.getvalue()
+    heads = assert_one_line_per_record(buf.getvalue(), len(buf.getvalue().splitlines()))
+    line = next(h for h in heads if "gateway.access" in h)
+    assert "/public/x\\n" + FORGED + "\\r\\x1b[2K\\u2028" in line
+    assert f" status={status} " in line and " duration_ms=" in line
+
+
+async def test_json_log_path_holds_no_control_character_once_decoded(stack: Stack) -> None:
+    with configured("json") as buf:
+        async with aiohttp.ClientSession() as anon:
+            url = URL(stack.url + "/public/x%0a%1b%e2%80%ae", encoded=True)
+            async with anon.get(url) as resp:
+                assert resp.status == 404  # the echo upstream serves no such path
+    records = [json.loads(ln) for ln in buf.getvalue().splitlines()]
+    access = [r for r in records if r["logger"] == "gateway.access"]
+    assert len(access) == 1
+    assert access[0]["path"] == "/public/x\\n\\x1b\\u202e"
+    assert access[0]["message"] == "GET /public/x\\n\\x1b\\u202e 404"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", access[0]["time"])
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_field_and_the_exception_text_are_escaped(fmt: str) -> None:
+    with configured(fmt) as buf:
+        lg = logging.getLogger("gateway.test")
+        lg.warning("message %s", HOSTILE, extra={"header": HOSTILE, HOSTILE: 1, "n": [HOSTILE]})
+        try:
+            raise ValueError(HOSTILE)
+        except ValueError:
+            lg.exception("failed on %s", HOSTILE)
+    out = buf.getvalue()
+    want = "a\\nb\\rc\\td\\x00e\\x1b[31mf\\x7fg\\x85h\\u2028i\\u202ej\\u200bk\\\\n"
+    if fmt == "text":
+        heads = assert_one_line_per_record(out, 2)
+        assert f"message {want}" in heads[0] and f"header={want}" in heads[0]
+        assert f"{want}=1" in heads[0]
+        assert f"    ValueError: {want}" in out.splitlines()
+    else:
+        first, second = (json.loads(ln) for ln in out.splitlines())
+        assert first["message"] == f"message {want}"
+        assert first["header"] == want and first[want] == 1 and first["n"] == [want]
+        assert second["exc_info"][-1] == f"ValueError: {want}"
+        for record in (first, second):
+            for value in json.dumps(record, ensure_ascii=False):
+                assert value.isprintable()
+    assert HOSTILE not in out
+
+
+# -- warnings that explain an outage, rate-limited, and the recovery (issue 10 item 2) -------------
+
+
+def test_warn_limiter_one_line_per_cause_per_interval_and_a_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    limiter = WarnLimiter(logging.getLogger("gateway.test"), interval=10, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="gateway.test")
+    logged = [limiter.warn("upstream a:1 connection refused", "down %s", "a:1") for _ in range(5)]
+    assert logged == [True, False, False, False, False]
+    assert limiter.warn("upstream b:2 connection refused", "down %s", "b:2")  # another cause
+    now[0] += 10
+    assert limiter.warn("upstream a:1 connection refused", "down %s", "a:1")
+    assert limiter.ok("upstream a:1 ", "a:1 up") and not limiter.ok("upstream a:1 ", "a:1 up")
+    lines = [(r.levelname, r.getMessage(), r.__dict__.get("suppressed")) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "down a:1", None),
+        ("WARNING", "down b:2", None),
+        ("WARNING", "down a:1", 4),
+        ("INFO", "a:1 up", None),
+    ]
+
+
+async def test_upstream_outage_warns_once_with_its_cause_then_logs_the_recovery(
+    make_stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    dead = {"prefix": "/dead", "upstream": f"http://127.0.0.1:{port}", "auth": "none"}
+    stack = await make_stack(routes=[dead, {"prefix": "/", "upstream": "http://127.0.0.1:9"}])
+    caplog.set_level(logging.INFO, logger="gateway.proxy")
+    async with aiohttp.ClientSession() as anon:
+        for _ in range(4):
+            async with anon.get(stack.url + "/dead/x") as resp:
+                assert resp.status == 502
+        echo = await start_echo(port=port)
+        try:
+            async with anon.get(stack.url + "/dead/x") as resp:
+                assert resp.status == 200  # answered by the echo upstream again
+        finally:
+            await echo.close()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.proxy"]
+    assert lines == [
+        ("WARNING", f"upstream 127.0.0.1:{port} failed: connection refused (answered 502)"),
+        ("INFO", f"upstream 127.0.0.1:{port} answers again"),
+    ]
+    assert caplog.records[-1].__dict__["suppressed"] == 3
+
+
+async def test_upstream_timeout_warns_with_its_cause(
+    make_stack: Any, caplog: pytest.LogCaptureFixture, echo: RunningEcho
+) -> None:
+    route = {
+        "prefix": "/_echo",
+        "upstream": str(echo.url),
+        "auth": "none",
+        "timeouts": {"read": "200ms"},
+    }
+    stack = await make_stack(echo=echo, routes=[route])
+    caplog.set_level(logging.INFO, logger="gateway.proxy")
+    async with aiohttp.ClientSession() as anon:
+        async with anon.get(stack.url + "/_echo/slow?delay=5&secret=s3cr3t-value") as resp:
+            assert resp.status == 504
+    (record,) = [r for r in caplog.records if r.name == "gateway.proxy"]
+    host = URL(str(echo.url)).raw_authority
+    assert record.getMessage() == f"upstream {host} failed: read timeout (answered 504)"
+    assert "s3cr3t" not in repr(vars(record))
+
+
+async def test_provider_outage_warns_once_with_its_cause(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.oidc")
+    issuer = f"http://127.0.0.1:{free_port()}"
+    settings = ProviderSettings(issuer=issuer, client_id="c", client_secret="s")
+    async with aiohttp.ClientSession() as http:
+        provider = ProviderClient(settings, "http://127.0.0.1:1/oauth2/callback", http)
+        for _ in range(3):
+            with pytest.raises(ProviderTransportError):
+                await provider.load()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        f"provider failure: GET {issuer}/.well-known/openid-configuration failed: "
+        "connection refused"
+    ]

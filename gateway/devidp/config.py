@@ -76,6 +76,12 @@ class Faults:
     token_delay: float = 0.0
     no_refresh_token: bool = False
     introspection_answer: dict[str, Any] = field(default_factory=dict)
+    # Metadata: keys left out of the OpenID discovery document (the RFC 8414 document at
+    # /.well-known/oauth-authorization-server still has them), a scopes_supported list
+    # other than the known scopes, and no RFC 8414 document at all (404).
+    discovery_omit: list[str] = field(default_factory=list)
+    scopes_supported: list[str] | None = None
+    no_oauth_metadata: bool = False
 
 
 @dataclass

@@ -22,7 +22,22 @@ CLAIMS = (
 
 
 async def discovery(request: web.Request) -> web.Response:
+    """OpenID discovery, less the keys the ``discovery_omit`` switch names."""
+    metadata = _metadata(request.app[STATE_KEY])
+    for name in request.app[STATE_KEY].faults.discovery_omit:
+        metadata.pop(name, None)
+    return web.json_response(metadata)
+
+
+async def oauth_metadata(request: web.Request) -> web.Response:
+    """RFC 8414 authorization server metadata (the same document, whole)."""
     state = request.app[STATE_KEY]
+    if state.faults.no_oauth_metadata:
+        raise web.HTTPNotFound()
+    return web.json_response(_metadata(state))
+
+
+def _metadata(state: IdpState) -> dict[str, Any]:
     base = state.issuer
     metadata: dict[str, Any] = {
         "issuer": base,
@@ -41,7 +56,9 @@ async def discovery(request: web.Request) -> web.Response:
         "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "introspection_endpoint_auth_methods_supported": list(AUTH_METHODS),
-        "scopes_supported": list(KNOWN_SCOPES),
+        "scopes_supported": list(
+            KNOWN_SCOPES if state.faults.scopes_supported is None else state.faults.scopes_supported
+        ),
         "claims_supported": list(CLAIMS),
         "subject_types_supported": ["public"],
         "prompt_values_supported": ["none", "login", "consent"],
@@ -50,7 +67,7 @@ async def discovery(request: web.Request) -> web.Response:
         "backchannel_logout_session_supported": True,
     }
     par.advertise(state, metadata)
-    return web.json_response(metadata)
+    return metadata
 
 
 async def index(request: web.Request) -> web.Response:

@@ -35,6 +35,7 @@ def create_devidp_app(cfg: DevIdpConfig) -> web.Application:
     app.cleanup_ctx.append(http_client)
     app.router.add_get("/", resources.index)
     app.router.add_get("/.well-known/openid-configuration", resources.discovery)
+    app.router.add_get("/.well-known/oauth-authorization-server", resources.oauth_metadata)
     app.router.add_get("/jwks", resources.jwks)
     app.router.add_get("/authorize", authorize.authorize)
     app.router.add_post("/login", authorize.login)

@@ -21,11 +21,13 @@ import aiohttp
 
 from gateway.config import ProviderSettings
 from gateway.errors import OAuthError, ProviderTransportError
+from gateway.logs import WarnLimiter, transport_cause
 from gateway.oidc import par
 from gateway.oidc.client_auth import ClientAssertions, audience
 from gateway.oidc.jwks import JwksCache
 from gateway.oidc.metadata import ProviderMetadata
 from gateway.oidc.validate import IdTokenValidator
+from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.oidc")
 _MAX_DOC = 1024 * 1024
@@ -102,6 +104,8 @@ class ProviderClient:
         self._meta: ProviderMetadata | None = None
         self._meta_lock = asyncio.Lock()
         self._last_attempt = 0.0
+        self._warn = WarnLimiter(log)
+        self.tracing = Tracing()  # the app's, set by app.py
         self.jwks = JwksCache(self._get_json, lambda: self._meta.jwks_uri if self._meta else None)
         self.validator = IdTokenValidator(
             self.jwks,
@@ -134,6 +138,8 @@ class ProviderClient:
                     meta = ProviderMetadata.from_discovery(doc, s)
                 except ValueError as exc:
                     raise ProviderTransportError(str(exc)) from None
+                if not (meta.revocation_endpoint and meta.introspection_endpoint):
+                    meta = await self._with_rfc8414(meta)
             else:
                 meta = ProviderMetadata.from_settings(s)
             self._meta = meta
@@ -144,6 +150,45 @@ class ProviderClient:
                 log.warning("provider JWKS not loaded yet; will retry on first use")
         return meta
 
+    async def _with_rfc8414(self, meta: ProviderMetadata) -> ProviderMetadata:
+        """CONTRACT "Provider metadata": discovery lacks the revocation or introspection
+        endpoint, so read the issuer's RFC 8414 document too (its §3.1 URL, then the
+        issuer-relative one many providers serve); a missing document changes nothing."""
+        parts = urlsplit(meta.issuer)
+        path = parts.path.rstrip("/")
+        urls = [f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{path}"]
+        if path:
+            urls.append(
+                f"{parts.scheme}://{parts.netloc}{path}/.well-known/oauth-authorization-server"
+            )
+        for url in urls:
+            try:
+                doc = await self._get_json(url)
+            except ProviderTransportError as exc:
+                log.info("no RFC 8414 metadata: %s", exc)
+                continue
+            merged = meta.with_oauth_metadata(doc)
+            if merged is not meta:
+                log.info(
+                    "endpoints from RFC 8414 metadata",
+                    extra={
+                        "revocation_endpoint": merged.revocation_endpoint,
+                        "introspection_endpoint": merged.introspection_endpoint,
+                    },
+                )
+            return merged
+        return meta
+
+    def scopes(self, meta: ProviderMetadata) -> tuple[str, ...]:
+        """The configured scopes, or the default for this provider (CONTRACT "Provider
+        metadata"): openid email profile, plus offline_access unless the provider publishes
+        a scopes_supported list without it."""
+        if self.settings.scopes is not None:
+            return self.settings.scopes
+        base = ("openid", "email", "profile")
+        listed = meta.scopes_supported
+        return (*base, "offline_access") if listed is None or "offline_access" in listed else base
+
     async def metadata(self) -> ProviderMetadata:
         """Loaded metadata, loading it now if an earlier attempt failed (rate-limited)."""
         if self._meta is not None:
@@ -153,18 +198,38 @@ class ProviderClient:
         return await self.load()
 
     async def _get_json(self, url: str) -> Any:
+        with self.tracing.span(f"provider GET {urlsplit(url).path}", "client", _span_attrs(url)):
+            return await self._get_json_untraced(url)
+
+    async def _get_json_untraced(self, url: str) -> Any:
         try:
             async with self._http.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise ProviderTransportError(f"GET {_safe(url)} answered {resp.status}")
+                    raise self._failed("GET", url, f"answered {resp.status}", resp.status)
                 body = await resp.content.read(_MAX_DOC + 1)
                 if len(body) > _MAX_DOC:
-                    raise ProviderTransportError(f"GET {_safe(url)} answered too much")
+                    raise self._failed("GET", url, "answered too much")
                 import json
 
-                return json.loads(body)
+                data = json.loads(body)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise ProviderTransportError(f"GET {_safe(url)} failed: {type(exc).__name__}") from None
+            raise self._failed("GET", url, f"failed: {transport_cause(exc)}") from None
+        self._recovered(url)
+        return data
+
+    def _failed(
+        self, method: str, url: str, why: str, status: int | None = None
+    ) -> ProviderTransportError:
+        """The error to raise for a provider that gave no usable answer, with one rate-limited
+        WARNING per cause (gateway.logs.WarnLimiter). A 404 for an optional document (RFC 8414
+        metadata) is not a provider failure and is not warned about."""
+        text = f"{method} {_safe(url)} {why}"
+        if status != 404:
+            self._warn.warn(f"provider {_origin(url)} {why}", "provider failure: %s", text)
+        return ProviderTransportError(text)
+
+    def _recovered(self, url: str) -> None:
+        self._warn.ok(f"provider {_origin(url)} ", "provider %s answers again", _origin(url))
 
     # -- front channel ---------------------------------------------------------------------
 
@@ -176,15 +241,16 @@ class ProviderClient:
             response_type="code",
             client_id=self.settings.client_id,
             redirect_uri=self.redirect_uri,
-            scope=" ".join(self.settings.scopes),
+            scope=" ".join(self.scopes(meta)),
             state=state,
             nonce=nonce,
             code_challenge=challenge,
             code_challenge_method="S256",
         )
-        if "offline_access" in self.settings.scopes and "prompt" not in params:
-            # OIDC Core §11: offline_access is ignored unless consent is prompted for.
-            params["prompt"] = "consent"
+        if self.settings.prompt and "prompt" not in params:
+            # Only when the operator asks (some providers, oidc-provider by default, ignore
+            # offline_access without prompt=consent, OIDC Core §11; most do not need it).
+            params["prompt"] = self.settings.prompt
         sep = "&" if urlsplit(meta.authorization_endpoint).query else "?"
         return meta.authorization_endpoint + sep + urlencode(params, quote_via=quote)
 
@@ -263,6 +329,11 @@ class ProviderClient:
         )
 
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
+        what = form.get("grant_type") or urlsplit(url).path
+        with self.tracing.span(f"provider POST {what}", "client", _span_attrs(url)):
+            return await self._post_untraced(url, form)
+
+    async def _post_untraced(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
         headers = self._auth(form, url)
         try:
             async with self._http.post(
@@ -271,11 +342,10 @@ class ProviderClient:
                 body = await resp.content.read(_MAX_DOC + 1)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderTransportError(
-                f"POST {_safe(url)} failed: {type(exc).__name__}"
-            ) from None
+            raise self._failed("POST", url, f"failed: {transport_cause(exc)}") from None
         if status >= 500 or len(body) > _MAX_DOC:
-            raise ProviderTransportError(f"POST {_safe(url)} answered {status}")
+            raise self._failed("POST", url, f"answered {status}")
+        self._recovered(url)
         data: Any = None
         if body:
             try:
@@ -291,6 +361,25 @@ class ProviderClient:
             desc = data.get("error_description")
             raise OAuthError(err, desc if isinstance(desc, str) else None, status)
         return status, data
+
+    async def check_client_auth(self, meta: ProviderMetadata) -> tuple[int, str | None]:
+        """``check-config --probe``: redeem a code that does not exist, authenticated as the
+        client. The answer's HTTP status and OAuth ``error``: ``invalid_grant`` means the
+        provider accepted the client and refused only the code; ``invalid_client`` (or a 401)
+        means the client id or secret is wrong. Raises ProviderTransportError without answer."""
+        import secrets
+
+        form = {
+            "grant_type": "authorization_code",
+            "code": "gateway-probe-" + secrets.token_urlsafe(16),
+            "redirect_uri": self.redirect_uri,
+            "code_verifier": secrets.token_urlsafe(48),
+        }
+        try:
+            status, _ = await self._post(meta.token_endpoint, form)
+        except OAuthError as exc:
+            return exc.status or 400, exc.error
+        return status, None
 
     async def exchange_code(self, code: str, verifier: str) -> TokenResponse:
         meta = await self.metadata()
@@ -363,3 +452,13 @@ def _safe(url: str) -> str:
     """A URL for logs: scheme, host and path only (never a query that might carry a token)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+
+
+def _span_attrs(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    return {"server.address": parts.hostname, "server.port": parts.port, "url.path": parts.path}

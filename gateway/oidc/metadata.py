@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.config import ProviderSettings
@@ -29,6 +29,9 @@ class ProviderMetadata:
     signing_algs: tuple[str, ...] = ("RS256",)
     iss_parameter_supported: bool = False
     backchannel_logout_supported: bool = False
+    # None: the provider publishes no such list (so nothing can be said about it).
+    scopes_supported: tuple[str, ...] | None = None
+    code_challenge_methods_supported: tuple[str, ...] | None = None
 
     @classmethod
     def from_discovery(cls, doc: dict[str, Any], settings: ProviderSettings) -> ProviderMetadata:
@@ -65,7 +68,25 @@ class ProviderMetadata:
             signing_algs=allowed,
             iss_parameter_supported=bool(doc.get("authorization_response_iss_parameter_supported")),
             backchannel_logout_supported=bool(doc.get("backchannel_logout_supported")),
+            scopes_supported=_strings(doc.get("scopes_supported")),
+            code_challenge_methods_supported=_strings(doc.get("code_challenge_methods_supported")),
         )
+
+    def with_oauth_metadata(self, doc: Any) -> ProviderMetadata:
+        """Fill the endpoints discovery left out from an RFC 8414 document of the same issuer
+        (RFC 8414 §3.3: a document naming another issuer is not used)."""
+        if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
+            return self
+        found: dict[str, Any] = {}
+        for name in ("revocation_endpoint", "introspection_endpoint"):
+            value = doc.get(name)
+            if getattr(self, name) is None and isinstance(value, str) and value:
+                found[name] = value
+        if self.code_challenge_methods_supported is None:
+            methods = _strings(doc.get("code_challenge_methods_supported"))
+            if methods is not None:
+                found["code_challenge_methods_supported"] = methods
+        return replace(self, **found) if found else self
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> ProviderMetadata:
@@ -82,3 +103,9 @@ class ProviderMetadata:
             introspection_endpoint=settings.introspection_endpoint,
             pushed_authorization_request_endpoint=settings.pushed_authorization_request_endpoint,
         )
+
+
+def _strings(value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, list):
+        return None
+    return tuple(v for v in value if isinstance(v, str))
