@@ -411,3 +411,43 @@ async def test_sentinel_without_sentinels_raises_store_error() -> None:
             await store.ping()
     finally:
         await store.close()
+
+
+# -- conditional writes --------------------------------------------------------------------------
+
+
+async def test_replace_writes_only_over_the_record_that_was_read(env: StoreEnv) -> None:
+    store = env.store
+    m = meta()
+    await store.save(m, b"v1", LONG)
+    assert await store.replace(m, b"v2", LONG, expected=b"v1") is True
+    assert await store.load(m.key) == b"v2"
+    # Rewritten meanwhile (the reader saw v1): nothing written.
+    assert await store.replace(m, b"v3", LONG, expected=b"v1") is False
+    assert await store.load(m.key) == b"v2"
+    assert keys(await store.keys_for_user("alice")) == {m.key}
+
+
+async def test_replace_never_brings_back_a_deleted_record(env: StoreEnv) -> None:
+    store = env.store
+    m = meta()
+    await store.save(m, b"v1", LONG)
+    await store.delete(m.key)
+    assert await store.replace(m, b"v2", LONG, expected=b"v1") is False
+    assert await store.load(m.key) is None
+    assert await store.keys_for_user("alice") == []
+    assert await store.keys_for_sid("sid-1") == []
+    assert [s async for s in store.all_sessions()] == []
+    assert await store.replace(meta(), b"new", LONG, expected=b"") is False  # never saved
+
+
+async def test_replace_sets_the_new_ttl(env: StoreEnv) -> None:
+    m = meta()
+    await env.store.save(m, b"v1", LONG)
+    assert await env.store.replace(m, b"v2", SHORT, expected=b"v1") is True
+
+    async def gone() -> bool:
+        return await env.store.load(m.key) is None
+
+    await env.until(gone)
+    assert await env.store.keys_for_user(m.sub) == []

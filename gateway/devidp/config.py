@@ -6,6 +6,7 @@ test can flip a switch on the running provider and see the very next answer chan
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
@@ -68,6 +69,10 @@ class Faults:
     token_status: int | None = None
     token_delay: float = 0.0
     no_refresh_token: bool = False
+    # Set to an unset asyncio.Event: a refresh-token grant is computed (the refresh token
+    # rotated) and its answer held back until the event is set; the switch is read when the
+    # call arrives, so clearing it lets later calls through while earlier ones stay held.
+    refresh_hold: asyncio.Event | None = None
 
 
 @dataclass
