@@ -36,7 +36,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from gateway.errors import StoreError
 from gateway.store.base import SessionMeta
@@ -101,6 +103,9 @@ class RedisStore:
         self._where = redact(where)
         self._options = options or RedisOptions()
         self._slots = asyncio.Semaphore(self._options.pool_size)
+        # One operation, retries included, never takes longer than this (a hung node).
+        o = self._options
+        self._deadline = 3 * (o.connect_timeout + o.socket_timeout)
         self._release = client.register_script(_RELEASE)
         self._replace = client.register_script(_REPLACE)
         self._logged: dict[tuple[str, str], float] = {}
@@ -135,7 +140,9 @@ class RedisStore:
                 async with asyncio.timeout(self._options.pool_timeout):
                     await self._slots.acquire()
                 acquired = True
-            yield
+            # A scan (not queued) yields to its caller between commands: no overall deadline.
+            async with asyncio.timeout(self._deadline if queue else None):
+                yield
         except StoreError:
             raise
         except TimeoutError as exc:
@@ -315,11 +322,18 @@ class RedisStore:
             log.debug("closing the store client: %s", type(exc).__name__)
 
 
+def _retry() -> Retry:
+    """Two quick retries (a dropped connection, a failover's first refusal), never the
+    library's default of seconds of back-off that would hold every request of an outage."""
+    return Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2)
+
+
 def _connection_kwargs(opts: RedisOptions, *, tls: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "socket_timeout": opts.socket_timeout,
         "socket_connect_timeout": opts.connect_timeout,
         "health_check_interval": opts.health_check_interval,
+        "retry": _retry(),
     }
     if tls and opts.ca_file:
         kwargs["ssl_ca_certs"] = opts.ca_file
@@ -391,7 +405,8 @@ def _sentinel_client(url: str, opts: RedisOptions) -> Any:
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     timeouts = {"socket_timeout": opts.socket_timeout,
                 "socket_connect_timeout": opts.connect_timeout}  # fmt: skip
-    sentinel_kwargs: dict[str, Any] = dict(timeouts)
+    # A sentinel that does not answer is skipped for the next one: no retry of its own.
+    sentinel_kwargs: dict[str, Any] = {**timeouts, "retry": Retry(NoBackoff(), retries=0)}
     if "sentinel_password" in query:
         sentinel_kwargs["password"] = query["sentinel_password"]
     if "sentinel_username" in query:
