@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ def _answers(port: int) -> bool:
         s.settimeout(0.5)
         s.sendall(b"PING\r\n")
         # An instance that requires a password answers NOAUTH: it is up all the same.
-        return s.recv(64)[:6] in (b"+PONG\r", b"-NOAUTH")
+        return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     return False
 
 
@@ -130,6 +130,7 @@ class SentinelSet:
     sentinels: list[Node]
     folder: Path
     password: str | None = None
+    sentinel_password: str | None = None
 
     @property
     def url(self) -> str:
@@ -162,7 +163,7 @@ class SentinelSet:
 
     def _sentinels_agree(self) -> bool:
         for sentinel in self.sentinels:
-            master = _info(sentinel.port, "sentinel").get("master0", {})
+            master = _info(sentinel.port, "sentinel", self.sentinel_password).get("master0", {})
             if not (isinstance(master, dict) and master.get("slaves") == 1
                     and master.get("sentinels") == 3):  # fmt: skip
                 return False
@@ -185,7 +186,9 @@ class SentinelSet:
             node.kill()
 
 
-def start_sentinel_set(folder: Path, password: str | None = None) -> SentinelSet:
+def start_sentinel_set(
+    folder: Path, password: str | None = None, sentinel_password: str | None = None
+) -> SentinelSet:
     primary = _data_node(folder, "primary", password=password)
     replica = _data_node(
         folder, "replica", "--replicaof", "127.0.0.1", str(primary.port), password=password
@@ -203,10 +206,15 @@ def start_sentinel_set(folder: Path, password: str | None = None) -> SentinelSet
         ]  # fmt: skip
         if password:
             lines.append(f"sentinel auth-pass {SENTINEL_SERVICE} {password}")
+        if sentinel_password:
+            lines += [
+                f"requirepass {sentinel_password}",
+                f"sentinel sentinel-pass {sentinel_password}",
+            ]
         conf.write_text("\n".join(lines) + "\n")
         binary = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
         sentinels.append(Node(port, [str(conf), "--loglevel", "warning"], binary))
-    topology = SentinelSet(primary, replica, sentinels, folder, password)
+    topology = SentinelSet(primary, replica, sentinels, folder, password, sentinel_password)
     try:
         topology.start_all()
     except BaseException:
@@ -221,12 +229,12 @@ class RedisClusterSet:
 
     nodes: list[Node]
     folder: Path
-    seeds: list[Node] = field(default_factory=list)
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        seeds = self.seeds or self.nodes
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in seeds)
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start_all(self) -> None:
         for node in self.nodes:
@@ -241,7 +249,9 @@ class RedisClusterSet:
         return all(self._state_ok(n) for n in self.nodes if n.proc is not None)
 
     def _state_ok(self, node: Node) -> bool:
-        client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
+        client = redis.Redis(
+            port=node.port, password=self.password, socket_timeout=1, socket_connect_timeout=1
+        )
         try:
             info = client.cluster("INFO")
         except redis.RedisError:
@@ -252,16 +262,16 @@ class RedisClusterSet:
                     int(info.get("cluster_slots_ok", 0)) == 16384)  # fmt: skip
 
     def replicas_in_sync(self) -> bool:
-        infos = [_info(n.port, "replication") for n in self.nodes if n.proc is not None]
+        infos = [_info(n.port, "replication", self.password) for n in self.nodes if n.proc]
         replicas = [i for i in infos if i.get("role") == "slave"]
         return len(replicas) == 3 and all(i.get("master_link_status") == "up" for i in replicas)
 
     def primaries(self) -> list[Node]:
-        return [n for n in self.nodes if n.proc is not None and _role(n.port) == "master"]
+        return [n for n in self.nodes if n.proc and _role(n.port, self.password) == "master"]
 
     def wait_replicated(self) -> None:
         for node in self.primaries():
-            client = redis.Redis(port=node.port)
+            client = redis.Redis(port=node.port, password=self.password)
             try:
                 assert client.execute_command("WAIT", 1, 3000) == 1
             finally:
@@ -272,20 +282,22 @@ class RedisClusterSet:
             node.kill()
 
 
-def start_cluster(folder: Path) -> RedisClusterSet:
+def start_cluster(folder: Path, password: str | None = None) -> RedisClusterSet:
     nodes = [
         _data_node(folder, f"node-{i}", "--cluster-enabled", "yes",
                    "--cluster-config-file", str(folder / f"nodes-{i}.conf"),
-                   "--cluster-node-timeout", str(NODE_TIMEOUT_MS), port=cluster_port())
+                   "--cluster-node-timeout", str(NODE_TIMEOUT_MS), port=cluster_port(),
+                   password=password)
         for i in range(6)
     ]  # fmt: skip
-    cluster = RedisClusterSet(nodes, folder)
+    cluster = RedisClusterSet(nodes, folder, password=password)
     try:
         for node in nodes:
             node.start()
         cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+            [cli, *(["-a", password, "--no-auth-warning"] if password else []),
+             "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
              "--cluster-replicas", "1", "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
         )  # fmt: skip

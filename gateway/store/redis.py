@@ -316,8 +316,16 @@ class RedisStore:
                 raise StoreError(f"cluster not serving every slot on {self._where}")
 
     async def close(self) -> None:
+        # A Sentinel client keeps its own connections to the sentinels: close them too.
+        manager = getattr(getattr(self._r, "connection_pool", None), "sentinel_manager", None)
+        clients = [self._r, *(manager.sentinels if manager is not None else [])]
+        for client in clients:
+            await self._close(client)
+
+    @staticmethod
+    async def _close(client: Any) -> None:
         try:
-            await self._r.aclose()
+            await client.aclose()
         except Exception as exc:  # closing a dead client must not fail a shutdown
             log.debug("closing the store client: %s", type(exc).__name__)
 
