@@ -244,8 +244,9 @@ def primary_of_first_session(cluster: RedisClusterSet, prefix: str) -> Node:
     """The primary serving the slot of a session record, so the kill hits live sessions."""
     client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
     try:
-        key = next(iter(client.scan_iter(match=prefix + "s:*", target_nodes="primaries")))
-        node = client.get_node_from_key(key)
+        # Consumed whole: a half-read scan would keep its connections open past close().
+        keys = sorted(client.scan_iter(match=prefix + "s:*", target_nodes="primaries"))
+        node = client.get_node_from_key(keys[0])
     finally:
         client.close()
     return next(n for n in cluster.nodes if n.port == node.port)
