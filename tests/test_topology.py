@@ -179,6 +179,9 @@ async def kill_primary_under_load(
     recovered_at: float | None = None
     killed_at = time.monotonic()
     kill()
+    # Not ready while a primary is gone (detection alone takes the 1 s node timeout).
+    async with aiohttp.ClientSession() as http:
+        assert [await ready(http, gw) for gw in dep.replicas] == [503, 503]
     deadline = killed_at + LOAD_BOUND_S
     while time.monotonic() < deadline and sum(seen.values()) < LOAD_BOUND_REQUESTS:
         started = time.monotonic()
@@ -196,13 +199,15 @@ async def kill_primary_under_load(
                 break
     assert set(seen) <= {200, 503}, seen  # never a logout (401/302), a 500 or no answer
     assert first_failure is not None and recovered_at is not None, seen
-    gap = recovered_at - first_failure
+    gap = recovered_at - killed_at
     print(
         f"\n[{label}] primary killed under load: {seen[503]} x 503, {seen[200]} x 200; "
-        f"no success for {gap:.2f} s (first 503 {first_failure - killed_at:.2f} s after the kill)"
+        f"no success from the kill for {gap:.2f} s"
     )
     assert await every_session(dep, browsers) == [200] * (2 * len(browsers))
     assert dep.idp.state.token_calls["authorization_code"] == len(browsers)
+    async with aiohttp.ClientSession() as http:
+        assert [await ready(http, gw) for gw in dep.replicas] == [200, 200]
 
 
 async def revoke_alice(dep: Deployment, browsers: list[aiohttp.ClientSession]) -> None:
