@@ -113,11 +113,12 @@ async def test_a_cluster_with_every_seed_down_is_a_503_logged_with_its_cause(
     logged = [r.getMessage() for r in caplog.records if r.name == "gateway.store"]
     assert any("operation=load" in line and seeds in line for line in logged), logged
     assert all("hunter2secret" not in line for line in logged)
-    # Rate-limited: many failing requests, one line per operation and cause.
+    # Rate-limited: seven failed loads within a few seconds, one line per 10 s.
     for _ in range(5):
         assert (await call(browser, down.url + "/api/items"))[0] == 503
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.store"]
     load_lines = [line for line in logged if "operation=load" in line]
-    assert len(load_lines) == 1, load_lines
+    assert 1 <= len(load_lines) <= 2, load_lines
 
     cfg = gateway_config(down.url, str(first.idp.url), str(first.echo.url), url)
     path = tmp_path / "gateway.yaml"
