@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ class GatewayProcess:
 
 
 async def start_gateway_process(
-    config: dict[str, Any], workdir: Path, *, name: str = "gateway"
+    config: dict[str, Any], workdir: Path, *, name: str = "gateway", args: Sequence[str] = ()
 ) -> GatewayProcess:
     """Start ``gateway run`` on ``config["server"]`` host/port; raise with its log if it fails."""
     server = config["server"]
@@ -70,7 +71,7 @@ async def start_gateway_process(
     env["PYTHONUNBUFFERED"] = "1"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            *gateway_command(), "run", "--config", str(config_path),
+            *gateway_command(), "run", "--config", str(config_path), *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
     running = GatewayProcess(url, proc, config_path, log_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 SIGNING_ALGS = ("RS256", "ES256")
@@ -49,6 +50,9 @@ class Faults:
     The ID-token switches apply to every ID token (code and refresh grants); the
     signature switches (``bad_signature``, ``alg_none``, ``hs256_with_public_key``,
     ``unknown_kid``) apply to ID tokens only, never to access or logout tokens.
+    ``introspection_answer`` sets members of every active introspection answer (a None
+    value removes the member), e.g. ``{"typ": "Refresh"}`` as Keycloak says of a refresh
+    token, or ``{"aud": None, "client_id": None}`` for an answer that names no client.
     """
 
     id_token_iss: str | None = None
@@ -69,6 +73,7 @@ class Faults:
     token_status: int | None = None
     token_delay: float = 0.0
     no_refresh_token: bool = False
+    introspection_answer: dict[str, Any] = field(default_factory=dict)
     # Set to an unset asyncio.Event: a refresh-token grant is computed (the refresh token
     # rotated) and its answer held back until the event is set; the switch is read when the
     # call arrives, so clearing it lets later calls through while earlier ones stay held.
