@@ -29,7 +29,8 @@ import redis.cluster
 import yaml
 
 from gateway.devidp import RunningIdp
-from tests.gateway_proc import GatewayProcess
+from tests.conftest import free_port
+from tests.gateway_proc import GatewayProcess, start_gateway_process
 from tests.idp_client import http_login
 from tests.test_refresh import API, bearer, call, latest_access_token, sleep_until
 from tests.test_refresh_race import gateway_cli, gateway_pair
@@ -273,11 +274,21 @@ async def test_cluster_of_three_primaries_and_three_replicas(
             victim = primary_of_first_session(topo, dep.prefix)
             await kill_primary_under_load(dep, browsers, victim.kill, "cluster")
             wait_for(topo.healthy, "the cluster to serve every slot again")
-            # The CLI works while a seed node (the dead primary, named first) is down.
+            # The CLI and a new gateway start and work while a seed node (the dead primary,
+            # named first) is down.
             others = [n for n in topo.nodes if n is not victim]
             url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in [victim, *others])
             code, out = await dep.cli("list", redis_url=url)
             assert code == 0 and out.strip().endswith(f"{len(USERS)} session(s)"), out
+            cfg = {**dep.config, "session": {**dep.config["session"], "redis_url": url}}
+            cfg["server"] = {**cfg["server"], "port": free_port()}
+            late = await start_gateway_process(cfg, tmp_path, name="gateway-late")
+            try:
+                assert await status_of(browsers[1], late.url + "/api/late") == 200
+                async with aiohttp.ClientSession() as http:
+                    assert await ready(http, late) == 200
+            finally:
+                await late.close()
             await revoke_alice(dep, browsers)
     finally:
         topo.close()
