@@ -6,6 +6,7 @@ here is seen by the next request on any replica.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,9 @@ def _line(meta: SessionMeta) -> str:
 
 
 async def _with_store(settings: Settings, action: Callable[[SessionStore], Awaitable[int]]) -> int:
+    # The store's own warning would repeat the one line printed below (a command has no
+    # logging set up, so Python would print it as it is); configured logging still gets it.
+    logging.getLogger("gateway.store").addHandler(logging.NullHandler())
     store = open_store(settings.session)
     try:
         return await action(store)

@@ -336,6 +336,12 @@ class SessionSettings(_Model):
     refresh_skew: Duration = 60.0
     login_timeout: Duration = 600.0
     max_login_flows: int = Field(5, ge=1, le=20)
+    # Redis client (docs/scaling.md): operations queue for a pool connection.
+    redis_pool_size: int = Field(64, ge=1, le=10_000)
+    redis_pool_timeout: Duration = 5.0
+    redis_socket_timeout: Duration = 2.0
+    redis_connect_timeout: Duration = 2.0
+    redis_ca_file: str | None = None
 
     @field_validator("cookie_name")
     @classmethod
@@ -367,6 +373,9 @@ class SessionSettings(_Model):
             problems.append("@idle_timeout: must be positive")
         if self.max_lifetime <= 0:
             problems.append("@max_lifetime: must be positive")
+        for name in ("redis_pool_timeout", "redis_socket_timeout", "redis_connect_timeout"):
+            if getattr(self, name) <= 0:
+                problems.append(f"@{name}: must be positive")
         _raise_keyed(problems)
         return self
 

@@ -116,6 +116,11 @@ class SessionManager:
         return Loaded(ticket, session) if session else None
 
     async def _read(self, ticket: Ticket) -> Session | None:
+        found = await self._read_record(ticket)
+        return found[0] if found else None
+
+    async def _read_record(self, ticket: Ticket) -> tuple[Session, bytes] | None:
+        """The live session and the stored bytes it came from (for a conditional write)."""
         try:
             raw = await self.store.load(ticket.store_key)
         except StoreError:
@@ -128,9 +133,13 @@ class SessionManager:
             return None
         if session.expires_at <= self.clock():
             return None
-        return session
+        return session, raw
 
-    async def save(self, ticket: Ticket, session: Session) -> None:
+    async def save(
+        self, ticket: Ticket, session: Session, *, expected: bytes | None = None
+    ) -> bool:
+        """Store ``session``. With ``expected`` (the bytes it was read from), only if the
+        record is still exactly that: False when it was ended or rewritten meanwhile."""
         now = self.clock()
         ttl = session.ttl(now, self.settings.idle_timeout)
         if ttl <= 0:
@@ -142,11 +151,16 @@ class SessionManager:
             created_at=session.created_at,
             expires_at=session.expires_at,
         )
+        sealed = ticket.seal_record(session)
         try:
-            await self.store.save(meta, ticket.seal_record(session), ttl)
+            if expected is None:
+                await self.store.save(meta, sealed, ttl)
+            elif not await self.store.replace(meta, sealed, ttl, expected):
+                return False
         except StoreError:
             raise StoreUnavailable() from None
         self._touched[ticket.store_key] = now
+        return True
 
     async def create(
         self, identity: Identity, tokens: Tokens, provider_sid: str | None
@@ -233,15 +247,16 @@ class SessionManager:
         wait = self.provider.settings.timeout + 5.0
         try:
             async with self.store.lock("refresh:" + ticket.store_key, ttl=hold, wait=wait) as won:
-                current = await self._read(ticket)
-                if current is None:
+                found = await self._read_record(ticket)
+                if found is None:
                     raise SessionEnded()
+                current, raw = found
                 now = self.clock()
                 if not current.needs_refresh(now, self.settings.refresh_skew):
                     return current  # another process refreshed it while we waited
                 if not won:
                     return self._keep_or_fail(ticket, current, now)
-                return await self._refresh(ticket, current)
+                return await self._refresh(ticket, current, raw)
         except StoreError:
             raise StoreUnavailable() from None
 
@@ -254,7 +269,7 @@ class SessionManager:
             return session
         raise ProviderUnavailable()
 
-    async def _refresh(self, ticket: Ticket, session: Session) -> Session:
+    async def _refresh(self, ticket: Ticket, session: Session, raw: bytes) -> Session:
         refresh_token = session.tokens.refresh_token
         if not refresh_token:
             raise SessionEnded()
@@ -299,10 +314,27 @@ class SessionManager:
             identity = identity_from(base, userinfo)
         updated = session.with_tokens(tokens, identity, now)
         # Saved before the lock is released: no replica can present the rotated-out token.
-        await self.save(ticket, updated)
+        # Only over the record this refresh started from: a session ended while the provider
+        # answered (sign-out, revocation, back-channel logout, a refused grant elsewhere)
+        # stays ended, and the tokens just obtained are revoked rather than kept.
+        if not await self.save(ticket, updated, expected=raw):
+            return await self._lost_race(ticket, tokens)
         self._failed.pop(ticket.store_key, None)
         self.on_refresh("success")
         return updated
+
+    async def _lost_race(self, ticket: Ticket, tokens: Tokens) -> Session:
+        current = await self._read(ticket)
+        if current is not None:
+            # Rewritten by another process meanwhile (its lock had expired): use its record.
+            # Our tokens are not revoked: at many providers that would end its grant too.
+            self.on_refresh("success")
+            return current
+        log.info("session ended while its refresh was in flight; refreshed tokens dropped")
+        if tokens.refresh_token:
+            await self.provider.revoke(tokens.refresh_token, "refresh_token")
+        self.on_refresh("ended")
+        raise SessionEnded()
 
     async def _drop(self, ticket: Ticket) -> None:
         try:

@@ -38,8 +38,8 @@ class Cluster:
     config: Path  # the first replica's config, for ``gateway sessions``
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Cluster]:
+async def gateway_pair(tmp_path: Path, redis_url: str, **session: Any) -> AsyncIterator[Cluster]:
+    """Two ``gateway run`` processes on one store (``session`` adds session settings)."""
     ports = [free_port(), free_port()]
     public = f"http://127.0.0.1:{ports[0]}"
     idp = await start_devidp(
@@ -64,9 +64,11 @@ async def cluster(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Cl
     replicas: list[GatewayProcess] = []
     try:
         for i, port in enumerate(ports):
-            cfg = gateway_config(public, str(idp.url), str(echo.url), redis_server.url)
+            cfg = gateway_config(public, str(idp.url), str(echo.url), redis_url)
             cfg["server"] = {"host": "127.0.0.1", "port": port, "public_url": public}
-            cfg["session"].update(key_prefix=prefix, cookie_secrets=secrets, refresh_skew=1)
+            cfg["session"].update(
+                key_prefix=prefix, cookie_secrets=secrets, refresh_skew=1, **session
+            )
             replicas.append(await start_gateway_process(cfg, tmp_path, name=f"gateway-{i}"))
         yield Cluster(public, replicas, idp, replicas[0].config_path)
     finally:
@@ -74,6 +76,12 @@ async def cluster(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Cl
             await replica.close()
         await echo.close()
         await idp.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Cluster]:
+    async for pair in gateway_pair(tmp_path, redis_server.url):
+        yield pair
 
 
 async def login_everywhere(http: aiohttp.ClientSession, cluster: Cluster) -> float:

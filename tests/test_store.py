@@ -428,3 +428,80 @@ async def test_sentinel_without_sentinels_raises_store_error() -> None:
             await store.ping()
     finally:
         await store.close()
+
+
+# -- conditional writes --------------------------------------------------------------------------
+
+
+async def test_replace_writes_only_over_the_record_that_was_read(env: StoreEnv) -> None:
+    store = env.store
+    m = meta()
+    await store.save(m, b"v1", LONG)
+    assert await store.replace(m, b"v2", LONG, expected=b"v1") is True
+    assert await store.load(m.key) == b"v2"
+    # Rewritten meanwhile (the reader saw v1): nothing written.
+    assert await store.replace(m, b"v3", LONG, expected=b"v1") is False
+    assert await store.load(m.key) == b"v2"
+    assert keys(await store.keys_for_user("alice")) == {m.key}
+
+
+async def test_replace_never_brings_back_a_deleted_record(env: StoreEnv) -> None:
+    store = env.store
+    m = meta()
+    await store.save(m, b"v1", LONG)
+    await store.delete(m.key)
+    assert await store.replace(m, b"v2", LONG, expected=b"v1") is False
+    assert await store.load(m.key) is None
+    assert await store.keys_for_user("alice") == []
+    assert await store.keys_for_sid("sid-1") == []
+    assert [s async for s in store.all_sessions()] == []
+    assert await store.replace(meta(), b"new", LONG, expected=b"") is False  # never saved
+
+
+async def test_replace_sets_the_new_ttl(env: StoreEnv) -> None:
+    m = meta()
+    await env.store.save(m, b"v1", LONG)
+    assert await env.store.replace(m, b"v2", SHORT, expected=b"v1") is True
+
+    async def gone() -> bool:
+        return await env.store.load(m.key) is None
+
+    await env.until(gone)
+    assert await env.store.keys_for_user(m.sub) == []
+
+
+# -- URLs ----------------------------------------------------------------------------------------
+
+
+def test_store_urls_name_several_hosts_and_never_show_a_password() -> None:
+    from gateway.store.redis import _hosts, redact
+
+    assert _hosts("u:p%40w@h1:7001,h2:7002, [::1]:7003,h4", 6379) == [
+        ("h1", 7001), ("h2", 7002), ("::1", 7003), ("h4", 6379)
+    ]  # fmt: skip
+    assert redact("redis+cluster://user:pa:ss@h1:1,h2:2 failed") == (
+        "redis+cluster://user:***@h1:1,h2:2 failed"
+    )
+    assert redact("redis://:secret@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact("redis://h:6379/0") == "redis://h:6379/0"
+    with pytest.raises(ValueError):
+        RedisStore.from_url("redis+sentinel://h1:26379,h2:26379")  # no service name
+
+
+def test_pool_and_timeout_settings() -> None:
+    from gateway.config import ConfigError, validate
+    from tests.conftest import gateway_config
+
+    cfg = gateway_config("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3", None)
+    cfg["session"].update(redis_pool_size=8, redis_pool_timeout="1500ms",
+                          redis_socket_timeout=1, redis_ca_file="/etc/ssl/ca.pem")  # fmt: skip
+    session = validate(cfg, env={}).session
+    assert (session.redis_pool_size, session.redis_pool_timeout) == (8, 1.5)
+    assert (session.redis_socket_timeout, session.redis_connect_timeout) == (1.0, 2.0)
+    assert session.redis_ca_file == "/etc/ssl/ca.pem"
+    for key, bad in (("redis_pool_size", 0), ("redis_socket_timeout", 0)):
+        broken = gateway_config("http://127.0.0.1:1", "http://127.0.0.1:2", "http://x:3", None)
+        broken["session"][key] = bad
+        with pytest.raises(ConfigError) as err:
+            validate(broken, env={})
+        assert key in str(err.value)

@@ -7,6 +7,7 @@ the process and starting it again is a real outage that loses nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -15,9 +16,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
-from tests.conftest import RedisServer, Stack
+from tests.conftest import RedisServer, Stack, free_port, gateway_config
 from tests.test_refresh import bearer, call, login, session_keys
+from tests.test_refresh_race import gateway_cli
 
 
 @pytest.fixture
@@ -86,3 +89,43 @@ async def test_a_hung_redis_is_a_503_not_a_hang(
     finally:
         os.kill(durable_redis.proc.pid, signal.SIGCONT)
     assert (await call(browser, stack.url + "/x"))[0] == 200
+
+
+async def test_a_cluster_with_every_seed_down_is_a_503_logged_with_its_cause(
+    make_stack: Any,
+    browser: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """redis-py's cluster client fails with ``RedisClusterException`` (not a ``RedisError``):
+    still a 503 everywhere, and the log says which operation failed where, without the
+    password; ``gateway sessions`` prints one line."""
+    caplog.set_level(logging.WARNING, logger="gateway.store")
+    first = await make_stack()
+    await login(browser, first)
+    seeds = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    url = f"redis+cluster://:hunter2secret@{seeds}"
+    secrets = [s.get_secret_value() for s in first.settings.session.cookie_secrets]
+    down = await make_stack(
+        idp=first.idp, echo=first.echo, redis_url=url, session={"cookie_secrets": secrets}
+    )
+    await assert_unavailable(down, browser)
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.store"]
+    assert any("operation=load" in line and seeds in line for line in logged), logged
+    assert all("hunter2secret" not in line for line in logged)
+    # Rate-limited: seven failed loads within a few seconds, one line per 10 s.
+    for _ in range(5):
+        assert (await call(browser, down.url + "/api/items"))[0] == 503
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.store"]
+    load_lines = [line for line in logged if "operation=load" in line]
+    assert 1 <= len(load_lines) <= 2, load_lines
+
+    cfg = gateway_config(down.url, str(first.idp.url), str(first.echo.url), url)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for action in ("list", "revoke --all"):
+        code, out = await gateway_cli("sessions", *action.split(), "--config", str(path))
+        assert code == 1, out
+        assert "Traceback" not in out and "hunter2secret" not in out
+        (line,) = out.strip().splitlines()
+        assert line.startswith("gateway sessions: the session store did not answer"), line

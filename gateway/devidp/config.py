@@ -6,6 +6,7 @@ test can flip a switch on the running provider and see the very next answer chan
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,10 @@ class Faults:
     discovery_omit: list[str] = field(default_factory=list)
     scopes_supported: list[str] | None = None
     no_oauth_metadata: bool = False
+    # Set to an unset asyncio.Event: a refresh-token grant is computed (the refresh token
+    # rotated) and its answer held back until the event is set; the switch is read when the
+    # call arrives, so clearing it lets later calls through while earlier ones stay held.
+    refresh_hold: asyncio.Event | None = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ async def token(request: web.Request) -> web.Response:
     injected = await _injected_fault(state, grant_type)
     if injected is not None:
         return injected
+    hold = state.faults.refresh_hold if grant_type == "refresh_token" else None
     try:
         client = authenticate_client(state, request.headers, form)
         if grant_type == "authorization_code":
@@ -47,6 +48,8 @@ async def token(request: web.Request) -> web.Response:
             raise OAuthError("unsupported_grant_type", "use authorization_code or refresh_token")
     except OAuthError as err:
         return error_answer(err)
+    if hold is not None:
+        await hold.wait()
     return json_answer(body)
 
 

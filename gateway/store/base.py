@@ -38,7 +38,18 @@ class SessionStore(Protocol):
 
     async def load(self, key: str) -> bytes | None: ...
 
-    async def save(self, meta: SessionMeta, sealed: bytes, ttl: float) -> None: ...
+    async def save(self, meta: SessionMeta, sealed: bytes, ttl: float) -> None:
+        """Write a record unconditionally: only for a brand-new session under a new key."""
+        ...
+
+    async def replace(self, meta: SessionMeta, sealed: bytes, ttl: float, expected: bytes) -> bool:
+        """Write over an existing record only if it is still ``expected`` (as ``load`` gave it).
+
+        One atomic compare-and-set: False, and nothing written, when the record was deleted
+        (sign-out, revocation, back-channel logout, a refused grant) or rewritten meanwhile,
+        so an ended session can never be brought back by a write that was in flight.
+        """
+        ...
 
     async def touch(self, key: str, ttl: float) -> None: ...
 
@@ -65,8 +76,17 @@ class SessionStore(Protocol):
 
 def open_store(settings: SessionSettings) -> SessionStore:
     from gateway.store.memory import MemoryStore
-    from gateway.store.redis import RedisStore
+    from gateway.store.redis import RedisOptions, RedisStore
 
     if settings.store == "memory":
         return MemoryStore()
-    return RedisStore.from_url(settings.redis_url.get_secret_value(), prefix=settings.key_prefix)
+    options = RedisOptions(
+        pool_size=settings.redis_pool_size,
+        pool_timeout=settings.redis_pool_timeout,
+        socket_timeout=settings.redis_socket_timeout,
+        connect_timeout=settings.redis_connect_timeout,
+        ca_file=settings.redis_ca_file,
+    )
+    return RedisStore.from_url(
+        settings.redis_url.get_secret_value(), prefix=settings.key_prefix, options=options
+    )

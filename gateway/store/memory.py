@@ -35,6 +35,13 @@ class MemoryStore:
     async def save(self, meta: SessionMeta, sealed: bytes, ttl: float) -> None:
         self._records[meta.key] = (sealed, meta, self._clock() + ttl)
 
+    async def replace(self, meta: SessionMeta, sealed: bytes, ttl: float, expected: bytes) -> bool:
+        item = self._live(meta.key)
+        if item is None or item[0] != expected:
+            return False
+        self._records[meta.key] = (sealed, meta, self._clock() + ttl)
+        return True
+
     async def touch(self, key: str, ttl: float) -> None:
         item = self._live(key)
         if item:
