@@ -55,7 +55,10 @@ class ConfigError(Exception):
 
     def lines(self, where: str) -> list[str]:
         """One line per problem: ``<file>: <problem>``, or just the problem a variable caused."""
-        return [p if p in self.env_problems else f"{where}: {p}" for p in self.problems]
+        return [
+            p if p in self.env_problems or p.startswith(f"{where}: ") else f"{where}: {p}"
+            for p in self.problems
+        ]
 
 
 def parse_duration(value: Any) -> float:
