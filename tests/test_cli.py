@@ -15,7 +15,14 @@ import yaml
 
 from gateway.config import validate
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, StackFactory, free_port
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SERVICE_LINKS,
+    RedisServer,
+    StackFactory,
+    free_port,
+)
 from tests.idp_client import http_login
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +149,6 @@ async def test_check_config_and_run_ignore_kubernetes_service_links(
     from gateway.echo import start_echo
     from tests.conftest import gateway_config
     from tests.gateway_proc import start_gateway_process
-    from tests.test_config import SERVICE_LINKS
 
     path = write(tmp_path / "good.yaml", config(await new_secret(tmp_path)))
     code, out, err = await gateway(

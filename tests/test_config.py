@@ -21,6 +21,7 @@ from gateway.config import (
     validate,
 )
 from gateway.crypto import new_secret
+from tests.conftest import SERVICE_LINKS
 
 CLIENT_SECRET = "client-secret-7f3a9c1e5b"
 REDIS_PASSWORD = "redis-pass-4d8e2b6a"
@@ -189,19 +190,6 @@ def test_env_overlay_bad_flow_list_names_the_variable() -> None:
 def test_env_overlay_unknown_key_refused() -> None:
     problems = problems_of(base_config(), {"GATEWAY_SESSION__COOKIE_COLOUR": "blue"})
     assert problems == ["GATEWAY_SESSION__COOKIE_COLOUR (session.cookie_colour): unknown key"]
-
-
-# What Kubernetes injects into every pod of a namespace with a Service named "gateway".
-SERVICE_LINKS = {
-    "GATEWAY_PORT": "tcp://10.0.0.1:4180",
-    "GATEWAY_PORT_4180_TCP": "tcp://10.0.0.1:4180",
-    "GATEWAY_PORT_4180_TCP_PROTO": "tcp",
-    "GATEWAY_PORT_4180_TCP_PORT": "4180",
-    "GATEWAY_PORT_4180_TCP_ADDR": "10.0.0.1",
-    "GATEWAY_SERVICE_HOST": "10.0.0.1",
-    "GATEWAY_SERVICE_PORT": "4180",
-    "GATEWAY_SERVICE_PORT_HTTP": "4180",
-}
 
 
 def test_env_kubernetes_service_links_are_not_configuration() -> None:
