@@ -23,8 +23,8 @@ from gateway.crypto import KeyRing, decode_secret
 from gateway.errors import ProviderTransportError, StoreError
 from gateway.forward_auth import ForwardAuth
 from gateway.gate import Gate
-from gateway.metrics import METRICS, Metrics, metrics_handler, metrics_listener
-from gateway.middleware import access_log, errors, on_response_prepare
+from gateway.metrics import METRICS, Metrics, main_port_metrics, metrics_listener
+from gateway.middleware import access_log, errors, hide_server_version, on_response_prepare
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
 from gateway.pages import NO_STORE
@@ -35,9 +35,19 @@ from gateway.store import SessionStore, open_store
 
 log = logging.getLogger("gateway")
 STORE_FACTORY: web.AppKey[Callable[[], SessionStore]] = web.AppKey("store_factory")
+# True when the store and metrics belong to the caller (``gateway run`` keeps them across
+# reloads): the app then neither closes the store nor starts the metrics_listen listener.
+SHARED = web.AppKey("shared", bool)
 
 
-def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    store: SessionStore | None = None,
+    metrics: Metrics | None = None,
+    shared: bool = False,
+) -> web.Application:
+    hide_server_version()
     app = web.Application(
         middlewares=[access_log, errors],
         handler_args={"max_field_size": settings.server.max_header_size},
@@ -48,8 +58,11 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
         [decode_secret(s.get_secret_value()) for s in settings.session.cookie_secrets]
     )
     app[keys.COOKIES] = CookiePolicy.from_settings(settings.session)
-    app[keys.ROUTES] = RouteTable(settings.routes)
-    app[METRICS] = Metrics()
+    app[keys.ROUTES] = RouteTable(
+        settings.routes, case_insensitive=settings.server.case_insensitive_routes
+    )
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[SHARED] = shared
     app[ASSERTION] = AssertionSigner.from_settings(settings)
     app.on_response_prepare.append(on_response_prepare)
     app[STORE_FACTORY] = (
@@ -58,23 +71,30 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_provider_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
-    app.cleanup_ctx.append(metrics_listener(settings))
+    if not shared:
+        app.cleanup_ctx.append(metrics_listener(settings))
 
     gate = Gate(settings)
-    app.router.add_get("/oauth2/start", login.start)
-    app.router.add_get("/oauth2/callback", login.callback)
-    app.router.add_get("/oauth2/userinfo", login.userinfo)
+    # ``gate.own``: an own endpoint answers only its canonical spelling (aiohttp's router
+    # matches the decoded path; the gate's one normalization decides every other spelling).
+    own = gate.own
+    app.router.add_get("/oauth2/start", own("/oauth2/start", login.start))
+    app.router.add_get("/oauth2/callback", own("/oauth2/callback", login.callback))
+    app.router.add_get("/oauth2/userinfo", own("/oauth2/userinfo", login.userinfo))
     forward_auth = ForwardAuth(settings, gate)
-    app.router.add_route("*", "/oauth2/auth", forward_auth.handle)
-    app.router.add_route("*", "/oauth2/auth/{tail:.*}", forward_auth.handle)  # Envoy path_prefix
-    app.router.add_route("*", "/oauth2/sign_out", logout.sign_out)
-    app.router.add_get(logout.SIGNED_OUT_PATH, logout.signed_out)
-    app.router.add_route("*", "/oauth2/backchannel_logout", logout.backchannel_logout)
+    app.router.add_route("*", "/oauth2/auth", own("/oauth2/auth", forward_auth.handle))
+    # Envoy path_prefix: the original path follows, in any spelling.
+    tail = own("/oauth2/auth/", forward_auth.handle, prefix=True)
+    app.router.add_route("*", "/oauth2/auth/{tail:.*}", tail)
+    app.router.add_route("*", "/oauth2/sign_out", own("/oauth2/sign_out", logout.sign_out))
+    app.router.add_get(logout.SIGNED_OUT_PATH, own(logout.SIGNED_OUT_PATH, logout.signed_out))
+    backchannel = own("/oauth2/backchannel_logout", logout.backchannel_logout)
+    app.router.add_route("*", "/oauth2/backchannel_logout", backchannel)
     if not settings.observability.metrics_listen:
-        app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/.well-known/jwks.json", jwks_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", own("/metrics", main_port_metrics(settings)))
+    app.router.add_get("/.well-known/jwks.json", own("/.well-known/jwks.json", jwks_handler))
+    app.router.add_get("/healthz", own("/healthz", healthz))
+    app.router.add_get("/readyz", own("/readyz", readyz))
     app.router.add_route("*", "/{tail:.*}", gate.handle)
     return app
 
@@ -83,7 +103,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE_FACTORY]()
     app[keys.STORE] = store
     yield
-    await store.close()
+    if not app[SHARED]:
+        await store.close()
 
 
 async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:

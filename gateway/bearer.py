@@ -2,9 +2,9 @@
 
 Owns reading ``Authorization: Bearer`` (RFC 6750 §2.1), validating a JWT access token
 against the provider's JWKS (RFC 9068 §4) or an opaque one by introspection (RFC 7662),
-the introspection cache, turning the token's claims into an ``Identity`` and scopes, and
-the route policy check for such a caller. Nothing here creates a session or writes to the
-session store: every request stands on its own token.
+the introspection caches and their rate limit, turning the token's claims into an
+``Identity`` and scopes, and the route policy check for such a caller. Nothing here
+creates a session or writes to the session store: every request stands on its own token.
 
 Failures are RFC 6750 §3 answers: ``invalid_token`` (401) for any token we do not accept,
 ``invalid_request`` (400) for a malformed ``Authorization``, ``insufficient_scope`` (403)
@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from multidict import MultiMapping
@@ -31,6 +32,7 @@ from gateway.config import ProviderSettings
 from gateway.errors import (
     BadRequest,
     Forbidden,
+    GatewayError,
     ProviderTransportError,
     ProviderUnavailable,
     TokenValidationError,
@@ -45,7 +47,8 @@ log = logging.getLogger("gateway.bearer")
 MAX_TOKEN_LENGTH = 16384
 CACHE_TTL = 60.0  # an active introspection answer is reused at most this long
 NEGATIVE_TTL = 5.0  # a refusal is remembered briefly, so a flood of bad tokens stays cheap
-CACHE_ENTRIES = 10_000
+CACHE_ENTRIES = 10_000  # active answers; refusals have a bounded cache of their own
+REFUSED_ENTRIES = 10_000
 LEEWAY = 60.0
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -61,10 +64,13 @@ _ACCESS_TYP = frozenset({"", "jwt", "at+jwt", "application/at+jwt"})
 _NOT_ACCESS_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash", "events")
 # Keycloak-style ``typ`` claim: only "Bearer" names an access token.
 _ACCESS_TYP_CLAIM = frozenset({"bearer", "at+jwt"})
-# RFC 7662 §2.2 token_type values that are access tokens.
+# ``token_type`` (RFC 7662 §2.2) and Keycloak-style ``typ`` values of an introspection
+# answer that name an access token; an answer with neither member is taken as one. Any other
+# value (refresh_token, Refresh, Offline, ID, Logout...) is another kind of token.
 _ACCESS_TOKEN_TYPES = frozenset(
-    {"bearer", "access_token", "urn:ietf:params:oauth:token-type:access_token"}
-)
+    {"bearer", "access_token", "urn:ietf:params:oauth:token-type:access_token", "at+jwt",
+     "application/at+jwt"}
+)  # fmt: skip
 # What is protocol, not identity: never offered to identity headers or policy as a claim.
 _NOT_IDENTITY = frozenset(
     {"iss", "aud", "exp", "iat", "nbf", "jti", "nonce", "at_hash", "c_hash", "s_hash", "azp",
@@ -72,6 +78,7 @@ _NOT_IDENTITY = frozenset(
      "token_type", "cnf", "events", "sub", "username"}
 )  # fmt: skip
 _REALM = 'Bearer realm="gateway"'
+_V = TypeVar("_V")
 
 
 class InvalidToken(Unauthenticated):
@@ -92,6 +99,21 @@ class InvalidRequest(BadRequest):
 
     def __init__(self) -> None:
         super().__init__(headers={"WWW-Authenticate": f'{_REALM}, error="invalid_request"'})
+
+
+class IntrospectionBusy(GatewayError):
+    """More new opaque tokens than ``provider.introspection_rate`` allows: not checked now.
+
+    503, not 401: the token may well be good, and a client told it is invalid would fetch
+    a new one and come back with yet another unknown token.
+    """
+
+    status = 503
+    code = "introspection_busy"
+    public_message = "Too many new tokens to check right now. Please retry shortly."
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +175,26 @@ def _audiences(value: Any) -> list[str]:
 @dataclass(slots=True)
 class _Cached:
     until: float
-    principal: BearerPrincipal | None  # None: the provider said the token is not active
+    principal: BearerPrincipal
+
+
+@dataclass(slots=True)
+class _TokenBucket:
+    """At most ``rate`` takes a second on average, bursts up to ``rate`` (one second's worth)."""
+
+    rate: float
+    level: float
+    stamp: float
+
+    def take(self, now: float) -> float:
+        """0 when a call may go now, else the seconds until one may."""
+        capacity = max(1.0, self.rate)
+        self.level = min(capacity, self.level + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level >= 1.0:
+            self.level -= 1.0
+            return 0.0
+        return (1.0 - self.level) / self.rate
 
 
 class BearerVerifier:
@@ -168,6 +209,7 @@ class BearerVerifier:
         cache_ttl: float = CACHE_TTL,
         negative_ttl: float = NEGATIVE_TTL,
         max_entries: int = CACHE_ENTRIES,
+        max_refused: int = REFUSED_ENTRIES,
     ) -> None:
         self.provider = provider
         self.audiences = list(settings.bearer_audiences) or [settings.client_id]
@@ -175,12 +217,19 @@ class BearerVerifier:
         self.cache_ttl = cache_ttl
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
+        self.max_refused = max_refused
         # Keyed by SHA-256 of the token: a dump of this process never yields a usable token.
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        # Two caches, so a flood of junk tokens only ever evicts other refusals.
+        self._good: OrderedDict[str, _Cached] = OrderedDict()
+        self._refused: OrderedDict[str, float] = OrderedDict()  # key -> until
         self._inflight: dict[str, asyncio.Future[BearerPrincipal | None]] = {}
+        rate = settings.introspection_rate
+        self._bucket = _TokenBucket(rate, max(1.0, rate), clock())
+        self._busy_logged = 0.0
 
     async def verify(self, token: str) -> BearerPrincipal:
-        """The principal of a token; raise InvalidToken (401) or ProviderUnavailable (503)."""
+        """The principal of a token; raise InvalidToken (401), or ProviderUnavailable or
+        IntrospectionBusy (503)."""
         try:
             meta = await self.provider.metadata()
         except ProviderTransportError:
@@ -216,14 +265,22 @@ class BearerVerifier:
     async def _introspected(self, token: str, issuer: str) -> BearerPrincipal:
         key = hashlib.sha256(token.encode("utf-8")).hexdigest()
         now = self.clock()
-        hit = self._cache.get(key)
+        hit = self._good.get(key)
         if hit is not None and hit.until > now:
-            self._cache.move_to_end(key)
-            if hit.principal is None:
-                raise InvalidToken()
+            self._good.move_to_end(key)
             return hit.principal
+        refused_until = self._refused.get(key)
+        if refused_until is not None and refused_until > now:
+            raise InvalidToken()
         pending = self._inflight.get(key)
         if pending is None:
+            wait = self._bucket.take(now)
+            if wait > 0:
+                # A flood of unknown tokens: the provider is spared; the cached ones still work.
+                if now - self._busy_logged >= 1.0:
+                    self._busy_logged = now
+                    log.warning("token introspection rate limit reached; answering 503")
+                raise IntrospectionBusy(wait)
             # Single flight: a burst of requests with one new token costs one introspection.
             pending = asyncio.get_running_loop().create_future()
             self._inflight[key] = pending
@@ -253,21 +310,27 @@ class BearerVerifier:
             log.info("bearer token refused by introspection: %s", exc.reason)
             principal = None
         if principal is None:
-            until = now + self.negative_ttl
+            self._good.pop(key, None)
+            _remember(self._refused, key, now + self.negative_ttl, self.max_refused)
         else:
             until = now + self.cache_ttl
             if principal.expires_at is not None:
                 until = min(until, principal.expires_at)  # never beyond the token's exp
-        self._remember(key, _Cached(until, principal))
+            self._refused.pop(key, None)
+            _remember(self._good, key, _Cached(until, principal), self.max_entries)
         return principal
 
     def _from_introspection(self, data: dict[str, Any], issuer: str, now: float) -> BearerPrincipal:
         """RFC 7662 §2.2: only ``active: true`` counts; then the same checks as for a JWT."""
         if data.get("active") is not True:
             raise TokenValidationError("not active")
-        token_type = data.get("token_type")
-        if isinstance(token_type, str) and token_type.lower() not in _ACCESS_TOKEN_TYPES:
-            raise TokenValidationError("not an access token")  # e.g. a refresh token
+        for name in ("token_type", "typ"):
+            # e.g. token_type refresh_token, or Keycloak's "typ": "Refresh" / "ID" / "Logout"
+            kind = data.get(name)
+            if kind is not None and (
+                not isinstance(kind, str) or kind.lower() not in _ACCESS_TOKEN_TYPES
+            ):
+                raise TokenValidationError(f"not an access token ({name})")
         exp = data.get("exp")
         if exp is not None and (not _is_number(exp) or exp <= now):
             raise TokenValidationError("expired")
@@ -279,11 +342,14 @@ class BearerVerifier:
             raise TokenValidationError("wrong issuer")
         # The token must be meant for us: its audience names us, or (providers that omit
         # aud for opaque tokens) it was issued to a client we accept. Otherwise any token
-        # of any client at the provider would open this API (a confused deputy).
+        # of any client at the provider would open this API (a confused deputy). An answer
+        # that names neither cannot show that, so it is refused too.
         if "aud" in data:
             if not set(_audiences(data["aud"])) & set(self.audiences):
                 raise TokenValidationError("wrong audience")
-        elif data.get("client_id") is not None and data.get("client_id") not in self.audiences:
+        elif "client_id" not in data:
+            raise TokenValidationError("names neither aud nor client_id")
+        elif data["client_id"] not in self.audiences:
             raise TokenValidationError("issued to another client")
         if "cnf" in data:
             # Sender-constrained (DPoP RFC 9449 §7.1, mTLS RFC 8705): we cannot check the proof.
@@ -293,15 +359,18 @@ class BearerVerifier:
             "introspection",
         )  # fmt: skip
 
-    def _remember(self, key: str, entry: _Cached) -> None:
-        self._cache[key] = entry
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
-
     @property
     def cached(self) -> int:
-        return len(self._cache)
+        """Introspection answers held, active and refused."""
+        return len(self._good) + len(self._refused)
+
+
+def _remember(cache: OrderedDict[str, _V], key: str, value: _V, limit: int) -> None:
+    """Least recently used goes first once ``cache`` holds more than ``limit`` entries."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def _is_number(value: Any) -> bool:

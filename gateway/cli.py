@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -36,51 +35,16 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
-def serve(settings: Settings) -> None:
-    from aiohttp import web
-
-    from gateway.app import create_app
-
-    async def main() -> None:
-        # The observability.metrics_listen listener starts with the app (its cleanup_ctx).
-        app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=True)
-        await site.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
-    _install_uvloop()
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.server import run_single, run_workers
+
     settings = _load(args.config)
     configure_logging(settings.observability.log_format, settings.observability.log_level)
-    workers = max(1, args.workers)
-    if workers == 1:
-        serve(settings)
-        return 0
-    # SO_REUSEPORT: every worker binds the same port and the kernel spreads connections.
-    procs = [
-        multiprocessing.Process(target=serve, args=(settings,), daemon=False)
-        for _ in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-    return 0
+    # uvloop's policy is inherited by forked workers.
+    _install_uvloop()
+    if args.workers <= 1:
+        return run_single(settings, args.config)
+    return run_workers(settings, args.config, args.workers)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

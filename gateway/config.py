@@ -96,6 +96,15 @@ class ServerSettings(_Model):
     public_url: str
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_header_size: int = Field(16384, ge=1024)
+    # Slow and abusive clients, and the process model (docs/operations.md).
+    header_timeout: Duration = Field(10.0, gt=0)
+    keepalive_timeout: Duration = Field(75.0, gt=0)
+    max_connections: int = Field(4096, ge=1)
+    shutdown_timeout: Duration = 25.0
+    reuse_port: bool = False
+    # Routes match paths case-insensitively (for IIS, ASP.NET, Windows upstreams that serve
+    # /ADMIN as /admin); docs/security.md.
+    case_insensitive_routes: bool = False
 
     @field_validator("public_url")
     @classmethod
@@ -124,6 +133,9 @@ class ProviderSettings(_Model):
     client_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] | None = None
     scopes: tuple[str, ...] = ("openid", "email", "profile", "offline_access")
     bearer_audiences: tuple[str, ...] = ()
+    # Most introspection calls per second for tokens not in the cache (a token bucket
+    # holding one second's worth); beyond it such a request is 503 with Retry-After.
+    introspection_rate: float = Field(default=50.0, gt=0)
     authorization_endpoint: str | None = None
     token_endpoint: str | None = None
     userinfo_endpoint: str | None = None
@@ -227,6 +239,9 @@ class RequireSettings(_Model):
     groups: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
     email_domains: tuple[str, ...] = ()
+    # Accept an email the provider does not mark verified or unverified (no email_verified
+    # claim); email_verified false is refused whatever this says.
+    allow_unverified_email: bool = False
 
 
 class TimeoutSettings(_Model):
@@ -309,6 +324,7 @@ class LogoutSettings(_Model):
 
 class ObservabilitySettings(_Model):
     metrics_listen: str | None = None
+    metrics_public: bool = False  # /metrics on the main port for every peer, not only loopback
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.config import SessionSettings
+from gateway.headers import OwnCookies
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +33,11 @@ class CookiePolicy:
         """``<name>-logout`` holds the sign-out state until /oauth2/signed_out (logout.py)."""
         return self.name + "-logout"
 
-    def is_own(self, name: str) -> bool:
-        return name in (self.name, self.logout_name) or name.startswith(self.login_prefix)
+    @property
+    def own(self) -> OwnCookies:
+        """Every name of the gateway's cookies, as the proxy matches them in both directions
+        (any case, ``__Host-``/``__Secure-`` variants): never sent upstream, never set by it."""
+        return OwnCookies((self.name, self.logout_name), (self.login_prefix,))
 
     def set(self, resp: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:
         resp.set_cookie(

@@ -112,7 +112,10 @@ class ForwardAuth:
         app = request.app
         trusted = self.gate.is_trusted(request.remote)
         original = self.original(request, trusted)
-        route = app[keys.ROUTES].match(original.path)
+        try:
+            route = app[keys.ROUTES].match(original.path)
+        except PathRejected as exc:
+            raise BadRequest(str(exc)) from None
         if route is None:
             # Not 404: a proxy reads anything but 2xx/401/403 as its own failure (nginx: 500).
             raise Forbidden("No route serves this path.")

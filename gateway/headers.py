@@ -14,16 +14,21 @@ by spelling it differently.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "HOP_BY_HOP",
+    "OwnCookies",
     "client_headers",
     "connection_tokens",
+    "encode_value",
     "is_websocket_upgrade",
     "normalize",
+    "set_cookie_name",
     "upstream_headers",
 ]
 
@@ -60,7 +65,11 @@ _REQUEST_DECIDED = HOP_BY_HOP | {
     "x-rewrite-url",
     "expect",
 }
-_FORWARDED_PREFIX = "x-forwarded-"
+# Whole name spaces the client never speaks in: forwarding metadata (believed only from
+# trusted proxies, then recomputed), the forward-auth answers the gateway itself emits
+# (oauth2-proxy's X-Auth-Request-*), the original-request names a front proxy sets
+# (X-Original-URI/-Method/-URL), and the gateway's own X-Gateway-* headers.
+_DECIDED_PREFIXES = ("x-forwarded-", "x-auth-request-", "x-original-", "x-gateway-")
 
 # RFC 6455 §4.1: the client library generates its own key, version, extension offer
 # and protocol list for the upstream leg; the client's copies belong to the other leg.
@@ -97,15 +106,96 @@ def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
     return "upgrade" in connection_tokens(headers.getall("Connection", ()))
 
 
-def _filter_cookies(values: list[str], drop: frozenset[str]) -> str | None:
+# Chrome ends a cookie line at the first of these (RFC 6265bis §5.6 leaves it to the agent).
+_COOKIE_TERMINATORS = ("\x00", "\r", "\n")
+_COOKIE_PREFIXES = ("__host-", "__secure-")
+
+
+def _cookie_key(name: str) -> str:
+    """The spelling cookie names are compared in: trimmed, lowercase, without the
+    ``__Host-``/``__Secure-`` prefixes (rfc6265bis matches those case-insensitively)."""
+    key = name.strip().lower()
+    while key.startswith(_COOKIE_PREFIXES):
+        key = key.removeprefix("__host-").removeprefix("__secure-").strip()
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class OwnCookies:
+    """The gateway's cookie names: exact names and name prefixes (login-state cookies).
+
+    A name matches in any case, with or without a ``__Host-``/``__Secure-`` prefix and with
+    whitespace around it: over-matching only costs an upstream a cookie it must not share a
+    name with anyway, while under-matching lets it plant the gateway's session.
+    """
+
+    names: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(_cookie_key(n) for n in self.names))
+        object.__setattr__(self, "prefixes", tuple(_cookie_key(p) for p in self.prefixes))
+
+    def matches(self, name: str) -> bool:
+        key = _cookie_key(name)
+        return key in self.names or any(p and key.startswith(p) for p in self.prefixes)
+
+
+def set_cookie_name(value: str) -> str:
+    """The name a browser stores for this ``Set-Cookie`` value, as the server will read it
+    back from ``Cookie``.
+
+    RFC 6265bis §5.6: the name-value pair ends at the first ``;``; without ``=``, or starting
+    with ``=``, the cookie is nameless and the browser sends back just its value, which a
+    server then parses as ``name=value``: ``=__Host-s=x`` comes back as ``__Host-s=x``.
+    """
+    for stop in _COOKIE_TERMINATORS:
+        value = value.partition(stop)[0]
+    pair = value.partition(";")[0]
+    name, eq, rest = pair.partition("=")
+    if not eq or not name.strip():
+        # Nameless: the value is what comes back; its own "name=" part is the name read.
+        return (rest if eq else pair).partition("=")[0]
+    return name
+
+
+def _filter_cookies(values: list[str], own: OwnCookies) -> str | None:
     """Remove the gateway's cookies; one ``Cookie`` line as RFC 6265 §5.4 sends it."""
     kept = [
         pair
         for value in values
         for raw in value.split(";")
-        if (pair := raw.strip()) and pair.partition("=")[0].strip() not in drop
+        if (pair := raw.strip()) and not own.matches(pair.partition("=")[0])
     ]
     return "; ".join(kept) or None
+
+
+# Header-value encoding of claims (docs/security.md): UTF-8, then every byte outside
+# printable ASCII, every "%", and (in a list item) every "," percent-encoded, as are
+# spaces at either end (a parser would trim them). An upstream decodes with any
+# percent-decoder (urllib.parse.unquote); a value without those characters is unchanged.
+_PRINTABLE = frozenset(range(0x20, 0x7F)) - {ord("%")}
+# Printable ASCII without "%", not starting or ending with a space: sent as it is.
+_PLAIN = re.compile(r"[!-$&-~](?:[ -$&-~]*[!-$&-~])?")
+
+
+def encode_value(text: str, *, list_item: bool = False) -> str:
+    """``text`` as a valid, unambiguous header value (see the note above)."""
+    if _PLAIN.fullmatch(text) and not (list_item and "," in text):
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    last = len(raw) - 1
+    out: list[str] = []
+    for i, byte in enumerate(raw):
+        if (
+            byte not in _PRINTABLE
+            or (list_item and byte == 0x2C)
+            or (byte == 0x20 and (i == 0 or i == last))
+        ):
+            out.append(f"%{byte:02X}")
+        else:
+            out.append(chr(byte))
+    return "".join(out)
 
 
 def upstream_headers(
@@ -113,7 +203,7 @@ def upstream_headers(
     *,
     strip: frozenset[str],
     inject: Mapping[str, str],
-    strip_cookies: frozenset[str],
+    own_cookies: OwnCookies,
     forwarded_for: str,
     forwarded_proto: str,
     forwarded_host: str,
@@ -140,7 +230,7 @@ def upstream_headers(
             or norm in strip
             or norm in injected
             or norm in listed
-            or norm.startswith(_FORWARDED_PREFIX)
+            or norm.startswith(_DECIDED_PREFIXES)
         ):
             if norm == "cookie" and norm not in listed:
                 cookies.append(value)
@@ -151,7 +241,7 @@ def upstream_headers(
             continue
         out.add(name, value)
     if cookies:
-        cookie = _filter_cookies(cookies, strip_cookies) if strip_cookies else "; ".join(cookies)
+        cookie = _filter_cookies(cookies, own_cookies)
         if cookie is not None:
             out["Cookie"] = cookie
     if host is not None:
@@ -167,14 +257,13 @@ def upstream_headers(
     return out
 
 
-def client_headers(
-    headers: CIMultiDictProxy[str], strip_cookies: frozenset[str]
-) -> CIMultiDict[str]:
+def client_headers(headers: CIMultiDictProxy[str], own_cookies: OwnCookies) -> CIMultiDict[str]:
     """The upstream's response headers to pass to the client.
 
     Hop-by-hop headers and the names the upstream lists in ``Connection`` stop here
-    (RFC 9110 §7.6.1). A ``Set-Cookie`` for one of the gateway's own cookies is
-    dropped too: an upstream must not overwrite or fixate the gateway's session.
+    (RFC 9110 §7.6.1). Every ``Set-Cookie`` for one of the gateway's own cookies is
+    dropped too, whatever the request carried: an upstream must not overwrite or fixate
+    the gateway's session (login CSRF), in any spelling a browser would store.
     """
     listed = connection_tokens(headers.getall("Connection", ()))
     out: CIMultiDict[str] = CIMultiDict()
@@ -182,11 +271,7 @@ def client_headers(
         norm = normalize(name)
         if norm in HOP_BY_HOP or norm in listed:
             continue
-        if (
-            strip_cookies
-            and norm == "set-cookie"
-            and value.partition("=")[0].strip() in strip_cookies
-        ):
+        if norm == "set-cookie" and own_cookies.matches(set_cookie_name(value)):
             continue
         out.add(name, value)
     return out

@@ -38,6 +38,7 @@ from gateway.sessions import Loaded
 log = logging.getLogger("gateway.logout")
 _LOGOUT_PURPOSE = b"gateway-logout-state"
 SIGNED_OUT_PATH = "/oauth2/signed_out"
+CLOCK_SKEW = 60.0  # between the provider's clock (a logout token's iat) and ours
 
 
 def csrf_token(ticket: Ticket) -> str:
@@ -148,23 +149,28 @@ def _confirm_page(request: web.Request, loaded: Loaded | None) -> web.StreamResp
 
 
 async def signed_out(request: web.Request) -> web.StreamResponse:
-    """Where the provider returns the browser after end_session (post_logout_redirect_uri)."""
+    """Where the provider returns the browser after end_session (post_logout_redirect_uri).
+
+    A GET any site can trigger, so it changes nothing: the session cookie was cleared by the
+    sign-out POST that ended the session, and the sign-out state cookie is consumed only by
+    the round trip that carries its state.
+    """
     cookies = request.app[keys.COOKIES]
     name = cookies.logout_name
-    target = "/"
+    target, matched = "/", False
     raw = request.cookies.get(name)
     state = request.query.get("state", "")
     if raw:
         try:
             data = json.loads(request.app[keys.RING].open_text(raw, _LOGOUT_PURPOSE))
             if state and constant_time_equal(str(data.get("state", "")), state):
-                target = str(data.get("target") or "/")
+                target, matched = str(data.get("target") or "/"), True
         except (OpenError, ValueError, AttributeError):
             pass
     body = f'<p>You have been signed out.</p><p><a href="{html.escape(target, quote=True)}">Continue</a></p>'
     resp = page("Signed out", body)
-    cookies.clear(resp, name)
-    cookies.clear(resp, cookies.name)
+    if matched:
+        cookies.clear(resp, name)
     return resp
 
 
@@ -193,19 +199,29 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     except ProviderTransportError:
         # The provider's keys could not be loaded: 503, so the provider retries (§2.8).
         raise ProviderUnavailable() from None
+    # Safe to retry (§2.8: a provider retries after an error): the sessions are ended first,
+    # and the jti is recorded as used only once they are. A store failure anywhere is a 503
+    # that leaves nothing recorded, so the provider's retry does the whole step again.
+    # Ending is idempotent: a logout token ends only sessions that began before it was
+    # issued (iat, give or take the usual clock skew), so processing it again, even as a
+    # replay, never ends a session started later.
     try:
-        ttl = max(300.0, claims.exp - time.time() + 120)
-        if not await store.claim_once("jti:" + claims.jti, ttl):
-            raise BadRequest("logout_token replayed")
         metas = await (
             store.keys_for_sid(claims.sid) if claims.sid else store.keys_for_user(claims.sub or "")
         )
-        if claims.sid and claims.sub:
-            metas = [m for m in metas if m.sub == claims.sub]
+        metas = [
+            m for m in metas
+            if (not claims.sid or not claims.sub or m.sub == claims.sub)
+            and m.created_at <= claims.iat + CLOCK_SKEW
+        ]  # fmt: skip
         for meta in metas:
             await store.delete(meta.key)
+        ttl = max(300.0, claims.exp - time.time() + 120)
+        first = await store.claim_once("jti:" + claims.jti, ttl)
     except StoreError:
         raise StoreUnavailable() from None
+    if not first:
+        raise BadRequest("logout_token replayed")
     log.info("back-channel logout ended %d session(s)", len(metas))
     app[keys.METRICS].logouts.labels(kind="backchannel").inc(len(metas))
     return web.json_response({"ended": len(metas)}, headers=NO_STORE)

@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.typedefs import Handler
 
 from gateway import keys
@@ -30,10 +30,24 @@ from gateway.login import denied_page
 from gateway.metrics import OWN_ROUTE
 from gateway.pages import error_response
 
+# The Server header of every answer this process makes (own answers, error pages, aiohttp's
+# own 400s for malformed requests, the metrics listener): a name, never a version.
+SERVER_NAME = "gateway"
+
 log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.error")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 _CALLBACK = "/oauth2/callback"
+
+
+def hide_server_version() -> None:
+    """Replace aiohttp's default ``Server: Python/3.x aiohttp/3.x`` with ``SERVER_NAME``.
+
+    aiohttp sets that default on every response it writes, including the 400/431/500 it
+    answers itself before any handler or signal runs, so the one place to change it is the
+    default. Idempotent; a proxied answer keeps the upstream's own ``Server``.
+    """
+    setattr(web_response, "SERVER_SOFTWARE", SERVER_NAME)  # noqa: B010
 
 
 def _clear_if_asked(request: web.Request, resp: web.StreamResponse) -> None:

@@ -25,7 +25,7 @@ from prometheus_client import Gauge
 from yarl import URL
 
 from gateway.errors import BadRequest, MethodNotAllowed, UpstreamError, UpstreamTimeout
-from gateway.headers import client_headers, is_websocket_upgrade, upstream_headers
+from gateway.headers import OwnCookies, client_headers, is_websocket_upgrade, upstream_headers
 
 __all__ = ["Forwarder", "ProxyTarget", "make_upstream_client"]
 
@@ -53,7 +53,7 @@ class ProxyTarget:
     query_string: str
     inject: Mapping[str, str]
     strip: frozenset[str]
-    strip_cookies: frozenset[str]
+    own_cookies: OwnCookies
     forwarded_for: str
     forwarded_proto: str
     forwarded_host: str
@@ -163,7 +163,7 @@ class Forwarder:
                 return web.Response(status=499)
             raise UpstreamError() from exc
         async with upstream:
-            return await _relay(request, upstream, target.strip_cookies)
+            return await _relay(request, upstream, target.own_cookies)
 
     async def _websocket(self, request: web.Request, target: ProxyTarget) -> web.StreamResponse:
         protocols = request.headers.getall("Sec-WebSocket-Protocol", ())
@@ -210,7 +210,7 @@ def _headers(
         request.headers,
         strip=target.strip,
         inject=target.inject,
-        strip_cookies=target.strip_cookies,
+        own_cookies=target.own_cookies,
         forwarded_for=target.forwarded_for,
         forwarded_proto=target.forwarded_proto,
         forwarded_host=target.forwarded_host,
@@ -221,12 +221,12 @@ def _headers(
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, strip_cookies: frozenset[str]
+    request: web.Request, upstream: aiohttp.ClientResponse, own_cookies: OwnCookies
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
-        headers=client_headers(upstream.headers, strip_cookies),
+        headers=client_headers(upstream.headers, own_cookies),
     )
     try:
         await response.prepare(request)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ async def start_gateway_process(
     workdir: Path,
     *,
     name: str = "gateway",
+    args: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
 ) -> GatewayProcess:
     """Start ``gateway run`` on ``config["server"]`` host/port; raise with its log if it fails."""
@@ -75,7 +77,7 @@ async def start_gateway_process(
     env.update(extra_env or {})
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            *gateway_command(), "run", "--config", str(config_path),
+            *gateway_command(), "run", "--config", str(config_path), *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
     running = GatewayProcess(url, proc, config_path, log_path)

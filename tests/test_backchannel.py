@@ -6,11 +6,14 @@ valid except for the single thing a case breaks.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
 
 import aiohttp
+import pytest
+import redis
 from yarl import URL
 
 from gateway.devidp import SESSION_COOKIE
@@ -169,14 +172,69 @@ async def test_every_malformed_logout_token_is_refused_and_changes_nothing(
 async def test_a_replayed_logout_token_is_refused(
     stack: Stack, browser: aiohttp.ClientSession, redis_server: RedisServer
 ) -> None:
-    token = logout_token(stack, sid="not-a-live-sid")
-    assert (await post(stack, data={"logout_token": token}))[0] == 200
-    # The same jti again, after the user signed in again under the same IdP sid: refused.
+    """The same token again, after the user signed in anew: 400, and the new session lives."""
+    now = int(time.time())
+    token = logout_token(stack, sub="alice", iat=now - 120, exp=now + 60)
+    status, _, body = await post(stack, data={"logout_token": token})
+    assert (status, json.loads(body)) == (200, {"ended": 0})
     await login(browser, stack)
-    replay = logout_token(stack, sid=idp_sid(stack, browser), jti=claims_jti(token))
-    assert (await post(stack, data={"logout_token": replay}))[0] == 400
-    assert (await post(stack, data={"logout_token": token}))[0] == 400
+    for _ in range(2):
+        status, _, body = await post(stack, data={"logout_token": token})
+        assert status == 400 and "replayed" in body
     assert (await call(browser, stack.url + "/x"))[0] == 200
+    assert len(session_keys(redis_server, stack)) == 1
+
+
+async def test_a_logout_token_never_ends_a_session_begun_after_it_was_issued(
+    stack: Stack, browser: aiohttp.ClientSession
+) -> None:
+    """A token's iat bounds what it ends (give or take a minute of clock skew), which makes
+    processing it again harmless: the reason a retry may simply do the whole step again."""
+    now = int(time.time())
+    await login(browser, stack)
+    old = logout_token(stack, sub="alice", iat=now - 120, exp=now + 60)
+    status, _, body = await post(stack, data={"logout_token": old})
+    assert (status, json.loads(body)) == (200, {"ended": 0})
+    assert (await call(browser, stack.url + "/x"))[0] == 200
+    # Issued within the skew allowance of the login: that session is ended.
+    recent = logout_token(stack, sub="alice", iat=now - 30, exp=now + 60)
+    status, _, body = await post(stack, data={"logout_token": recent})
+    assert (status, json.loads(body)) == (200, {"ended": 1})
+    assert (await call(browser, stack.url + "/x"))[0] == 401
+
+
+@pytest.mark.parametrize(
+    ("refused", "step"),
+    [("smembers", "finding the sessions"), ("del", "ending them"), ("set", "recording the jti")],
+)
+async def test_a_store_failure_mid_logout_is_503_and_the_retry_ends_the_session(
+    make_stack: Any,
+    browser: aiohttp.ClientSession,
+    own_redis: RedisServer,
+    refused: str,
+    step: str,
+) -> None:
+    """Back-Channel Logout §2.8: the provider retries after an error. Real Redis refuses one
+    command (an ACL change on the running server) so the step fails exactly at ``step``;
+    the retry must then end the session, not be refused as a replay of its own jti."""
+    stack = await make_stack(redis_url=own_redis.url)
+    await login(browser, stack)
+    token = logout_token(stack, sid=idp_sid(stack, browser))
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        admin.execute_command("ACL", "SETUSER", "default", "-" + refused)
+        status, headers, body = await post(stack, data={"logout_token": token})
+        assert status == 503, (step, body)
+        assert int(headers["Retry-After"]) > 0
+        admin.execute_command("ACL", "SETUSER", "default", "+" + refused)
+    finally:
+        admin.close()
+    status, _, body = await post(stack, data={"logout_token": token})
+    assert status == 200, (step, body)
+    assert (await call(browser, stack.url + "/x"))[0] == 401
+    assert session_keys(own_redis, stack) == []
+    # Now that it succeeded, the jti is used up.
+    assert (await post(stack, data={"logout_token": token}))[0] == 400
 
 
 def claims_jti(token: str) -> str:

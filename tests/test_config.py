@@ -13,7 +13,6 @@ import yaml
 from gateway.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
-    Settings,
     load_settings,
     parse_duration,
     redacted,
@@ -130,10 +129,35 @@ def test_contract_example_validates(tmp_path: Path) -> None:
 
 
 def test_yaml_file_loads(tmp_path: Path) -> None:
-    settings = load_settings(str(write(tmp_path, base_config())), env={})
-    assert isinstance(settings, Settings)
-    assert settings.session.store == "redis"
-    assert settings.server.port == 4180
+    """What the file says, not the defaults, is what the settings hold."""
+    data = base_config()
+    data["server"]["port"] = 4999
+    data["session"]["store"] = "memory"
+    data["routes"].append(
+        {"prefix": "/staff", "upstream": "http://127.0.0.1:8081",
+         "require": {"email_domains": ["example.com"], "allow_unverified_email": True}}
+    )  # fmt: skip
+    data["provider"]["introspection_rate"] = 7.5
+    settings = load_settings(str(write(tmp_path, data)), env={})
+    assert settings.server.port == 4999
+    assert settings.session.store == "memory"
+    assert settings.provider.issuer == "https://idp.example.com"
+    assert settings.provider.introspection_rate == 7.5
+    assert [(r.prefix, r.upstream) for r in settings.routes] == [
+        ("/", "http://127.0.0.1:8080"), ("/staff", "http://127.0.0.1:8081"),
+    ]  # fmt: skip
+    assert settings.routes[0].require.allow_unverified_email is False  # the default
+    assert settings.routes[1].require.email_domains == ("example.com",)
+    assert settings.routes[1].require.allow_unverified_email is True
+    assert settings == validate(data, env={})  # the file adds nothing and loses nothing
+
+
+def test_introspection_rate_must_be_positive() -> None:
+    for bad in (0, -1, "fast"):
+        data = base_config()
+        data["provider"]["introspection_rate"] = bad
+        (problem,) = problems_of(data)
+        assert problem.startswith("provider.introspection_rate: "), problem
 
 
 def test_env_overlay_sets_scalars_booleans_and_numbers(tmp_path: Path) -> None:

@@ -565,6 +565,22 @@ async def test_revoke_and_introspect(http: aiohttp.ClientSession, idp: RunningId
         assert resp.status == 401
 
 
+async def test_introspection_answer_switch(http: aiohttp.ClientSession, idp: RunningIdp) -> None:
+    """``faults.introspection_answer`` bends active answers (None removes a member); an
+    inactive answer stays ``{"active": false}``."""
+    _, tokens = await login_tokens(http, idp)
+    access = tokens["access_token"]
+    _, intro, _ = await post(http, idp, "/introspect", {"token": access}, "web")
+    assert intro["email_verified"] is True and intro["token_type"] == "Bearer"
+    idp.state.faults.introspection_answer = {"aud": None, "client_id": None, "typ": "Refresh"}
+    _, bent, _ = await post(http, idp, "/introspect", {"token": access}, "web")
+    assert bent == {k: v for k, v in intro.items() if k not in ("aud", "client_id")} | {
+        "typ": "Refresh"
+    }
+    _, unknown, _ = await post(http, idp, "/introspect", {"token": "unknown"}, "web")
+    assert unknown == {"active": False}
+
+
 async def test_opaque_access_tokens(http: aiohttp.ClientSession, start: Start) -> None:
     idp = await start(access_token_format="opaque")
     _, tokens = await login_tokens(http, idp)

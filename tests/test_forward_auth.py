@@ -239,7 +239,8 @@ async def test_refused_refresh_is_401_and_clears_the_cookie(
         assert resp.status == 401
         assert resp.headers["X-Gateway-Login"].startswith(stack.url + "/oauth2/start?rd=/x")
         cleared = resp.cookies[stack.settings.session.cookie_name]
-        assert cleared.value == "" or cleared["max-age"] == "0"
+        assert cleared.value == ""
+        assert cleared["max-age"] == "0"
     assert redis_server.keys(stack.settings.session.key_prefix + "s:*") == []
 
 
@@ -265,18 +266,24 @@ async def test_hostile_inputs_are_never_500(
 ) -> None:
     stack = await make_stack(**TRUSTED)
     cookie = {"Cookie": f"{stack.settings.session.cookie_name}=" + "A" * 4000}
-    for headers in (
-        {"X-Forwarded-Uri": ""},
-        {"X-Forwarded-Uri": "   "},
-        {"X-Forwarded-Uri": "/x", "X-Forwarded-Method": "G E T"},
-        {"X-Forwarded-Uri": "/x", "X-Forwarded-Method": "x" * 500},
-        {"X-Forwarded-Uri": "http://"},
-        {"X-Forwarded-Uri": "/x", **cookie},
-        {"X-Forwarded-Uri": "/x", "Authorization": "Bearer"},
-        {"X-Forwarded-Uri": "/%C0%AF"},
+    # Unauthenticated, each asks about a protected route (or a path the gateway refuses to
+    # judge): exactly one answer each, never the 200 of an auth bypass.
+    for headers, expected in (
+        ({"X-Forwarded-Uri": ""}, 401),  # empty: not named, so "/" decides
+        ({"X-Forwarded-Uri": "   "}, 401),  # a header value is trimmed: empty again
+        ({"X-Forwarded-Uri": "/x", "X-Forwarded-Method": "G E T"}, 401),
+        ({"X-Forwarded-Uri": "/x", "X-Forwarded-Method": "x" * 500}, 401),
+        ({"X-Forwarded-Uri": "http://"}, 401),
+        ({"X-Forwarded-Uri": "/x", **cookie}, 401),
+        ({"X-Forwarded-Uri": "/x", "Authorization": "Bearer"}, 401),
+        ({"X-Forwarded-Uri": "/%C0%AF"}, 400),
+        ({"X-Forwarded-Uri": "/admin."}, 400),
+        ({"X-Forwarded-Uri": "/admin%E2%80%8B"}, 400),
+        ({"X-Forwarded-Uri": "/public/../admin"}, 401),
     ):
         async with api.get(stack.url + "/oauth2/auth", headers=headers) as resp:
-            assert resp.status in (200, 400, 401, 403), (headers, resp.status)
+            assert resp.status == expected, (headers, resp.status)
+            assert "X-Auth-Request-User" not in resp.headers
     async with api.post(stack.url + "/oauth2/auth", data=b"x" * 1000) as resp:
         assert resp.status == 401
 
@@ -297,6 +304,15 @@ def test_traefik_recipe_matches_the_gateway() -> None:
     assert "authRequestHeaders" not in auth
     assert set(DEFAULT_IDENTITY_HEADERS) | {"Authorization"} <= set(auth["authResponseHeaders"])
     assert http["routers"]["app"]["middlewares"][-1] == "gateway-auth"
+    # Every other name the gateway emits or trusts from a proxy is deleted from the client's
+    # request before it reaches the app (issue 7 item 6).
+    from gateway.gate import EMITTED_ELSEWHERE
+
+    strip = http["middlewares"]["gateway-strip"]["headers"]["customRequestHeaders"]
+    assert http["routers"]["app"]["middlewares"][0] == "gateway-strip"
+    deleted = {name.lower() for name, value in strip.items() if value == ""}
+    for name in EMITTED_ELSEWHERE:
+        assert name.lower() in deleted, name
     assert "!PathPrefix(`/oauth2/auth`)" in http["routers"]["gateway"]["rule"]
     stripped = http["middlewares"]["gateway-strip"]["headers"]["customRequestHeaders"]
     for name in DEFAULT_IDENTITY_HEADERS:
@@ -328,3 +344,25 @@ async def test_assertion_goes_to_trusted_proxies_only(
     status, headers = await check(browser, untrusted, "/x")
     assert status == 200 and headers["X-Forwarded-User"] == "alice"
     assert "X-Gateway-Assertion" not in headers and "Authorization" not in headers
+
+
+async def test_claims_use_the_one_header_encoding(
+    make_stack: StackMaker, browser: aiohttp.ClientSession
+) -> None:
+    """Issue 7 items 7 and 8: X-Auth-Request-* carry claims encoded as the identity headers
+    upstream do (docs/security.md): controls percent-encoded, a "," inside an item too."""
+    from dataclasses import replace
+
+    stack = await make_stack(**TRUSTED)
+    users = stack.idp.state.users
+    users["bob"] = replace(
+        users["bob"], preferred_username="b\x00o\tb", groups=("staff,admins", "staff")
+    )
+    await signed_in(stack, browser, "bob")
+    status, headers = await check(browser, stack, "/reports")
+    assert status == 200
+    for name in ("X-Auth-Request-Groups", "X-Forwarded-Groups"):
+        assert headers.getall(name) == ["staff%2Cadmins,staff"], name
+    for name in ("X-Auth-Request-Preferred-Username", "X-Forwarded-Preferred-Username"):
+        assert headers.getall(name) == ["b%00o%09b"], name
+    assert (await check(browser, stack, "/admin"))[0] == 403

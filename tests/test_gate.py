@@ -369,7 +369,7 @@ async def test_path_decision_matches_upstream_path(
     if upstream_path is not None:
         echo = resp.json()
         assert echo["path"] == upstream_path
-        assert echo["raw_path"] in (upstream_path, upstream_path.replace("~", "%7E"))
+        assert echo["raw_path"] == upstream_path  # "~" is unreserved: sent as itself
     if expected == 200 and "?" in target:
         assert resp.json()["query"] == target.split("?", 1)[1]
 
@@ -457,14 +457,18 @@ async def test_absolute_uri_and_spoofed_host_never_leave_configured_upstream(
         raw_get(f"{evil_host}", evil_host, [cookie, accept], method="CONNECT"),
         raw_get("*", evil_host, [cookie, accept], method="OPTIONS"),
     ]
-    for data in requests:
+    # Absolute forms and a second Host are refused; an origin-form request with another
+    # Host goes to the configured upstream; CONNECT and "*" name no path of ours.
+    expected = [(400, None), (400, None), (400, None), (200, "/x"), (200, "/x"), (400, None),
+                (200, "/public/x"), (400, None), (404, None), (404, None)]  # fmt: skip
+    for data, (status, path) in zip(requests, expected, strict=True):
         resp = await raw_request(stack.url, data)
-        assert resp.status is not None and resp.status < 500, (data, resp.status)
-        if resp.status == 200:
+        assert resp.status == status, (data, resp.status)
+        if path is not None:
             echo = resp.json()
             assert "evil" not in echo
             # The request the token went with reached the configured echo upstream.
-            assert echo["path"] in ("/x", "/public/x")
+            assert echo["path"] == path
     assert evil.seen == []
 
 
@@ -638,5 +642,227 @@ async def test_gateway_prefix_is_never_proxied(stack: Stack, bob: str) -> None:
         ("GET", "/oauth2"),
     ):
         resp = await raw_request(stack.url, raw_get(target, host_of(stack), headers, method))
-        assert resp.status is not None and 400 <= resp.status < 500, (method, target, resp.status)
+        assert resp.status == 404, (method, target, resp.status)
         assert b'"headers"' not in resp.body, (method, target)
+
+
+# -- issue 7: cookies an upstream sets, names the gateway emits, claims, paths ---------------
+
+PLANTED = [
+    "gw_test=someone-elses-session; Path=/",
+    "GW_TEST=planted; PATH=/; HTTPONLY",
+    " gw_test =planted",
+    "=gw_test=planted; Path=/",
+    "gw_test",
+    "__Host-gw_test=planted; Secure; Path=/",
+    "__SECURE-gw_test=planted; Secure",
+    "gw_test-logout=planted",
+    "gw_test-login-abc=planted; Path=/",
+    "=GW_TEST-LOGIN-x=planted",
+]
+
+
+@pytest.fixture
+async def planting_upstream() -> AsyncIterator[str]:
+    """An upstream that answers every request with the gateway's cookies in every spelling."""
+
+    async def plant(request: web.Request) -> web.Response:
+        headers = CIMultiDict([("Set-Cookie", value) for value in PLANTED])
+        headers.add("Set-Cookie", "theme=dark; Path=/")
+        return web.json_response({"path": request.path}, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", plant)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_upstream_never_plants_a_gateway_cookie(
+    make_stack: StackFactory, planting_upstream: str, browser: aiohttp.ClientSession
+) -> None:
+    """Issue 7 item 1: whatever the request carried (here: nothing, a fresh visitor)."""
+    stack = await make_stack(
+        routes=[
+            {"prefix": "/", "upstream": planting_upstream, "auth": "none"},
+            {"prefix": "/app", "upstream": planting_upstream},
+        ]
+    )
+    resp = await raw_request(stack.url, raw_get("/welcome", host_of(stack), list(API.items())))
+    assert resp.status == 200
+    assert resp.headers.getall("Set-Cookie") == ["theme=dark; Path=/"]
+    # Signed in, on a protected route, with the gateway's cookie in the request: the same.
+    result = await http_login(browser, stack.url + "/app/", "bob", "bob")
+    assert result.status == 200, result.body
+    cookie = browser.cookie_jar.filter_cookies(URL(stack.url))["gw_test"].value
+    resp = await raw_request(
+        stack.url, raw_get("/app/x", host_of(stack), [session_header(stack, cookie), *API.items()])
+    )
+    assert resp.status == 200
+    assert resp.headers.getall("Set-Cookie") == ["theme=dark; Path=/"]
+    # The browser still holds its own session, not a planted one.
+    jar = browser.cookie_jar.filter_cookies(URL(stack.url))
+    assert jar["gw_test"].value == cookie
+
+
+EMITTED_SPOOF: list[tuple[str, str]] = [
+    ("X-Auth-Request-User", "mallory"),
+    ("X_Auth_Request_User", "mallory"),
+    ("x-auth-request-email", "mallory@evil.example"),
+    ("X-AUTH-REQUEST-GROUPS", "admins"),
+    ("X-Auth-Request-Groups", "admins"),  # duplicate
+    ("X-Auth-Request-Preferred-Username", "mallory"),
+    ("X-Auth-Request-Access-Token", "forged"),
+    ("X-Gateway-Login", "forged"),
+    ("X-Original-URI", "/forged"),
+    ("X_Original_Uri", "/forged"),
+    ("X-Original-Method", "forged"),
+    ("X-Forwarded-Uri", "/forged"),
+    ("X-Forwarded-Method", "forged"),
+    ("Connection", "X-Auth-Request-User"),
+    ("X-Kept", "yes"),
+]
+
+
+@pytest.mark.parametrize("path", ["/x", "/public/x", "/api/x"])
+async def test_names_the_gateway_emits_never_come_from_the_client(
+    stack: Stack, bob: str, path: str
+) -> None:
+    """Issue 7 item 6: forward-auth's names and the trusted proxy's, on every route."""
+    headers = [*EMITTED_SPOOF, session_header(stack, bob), ("Accept", "application/json")]
+    resp = await raw_request(stack.url, raw_get(path, host_of(stack), headers))
+    assert resp.status == 200, resp.body
+    echo = resp.json()
+    blob = json.dumps(echo["headers"])
+    for word in ("mallory", "forged", "admins"):
+        assert word not in blob, (word, echo["headers"])
+    assert values(echo, "x-kept") == ["yes"]
+    assert values(echo, "x-forwarded-for") == ["127.0.0.1"]
+
+
+async def test_control_characters_and_separators_in_claims(
+    stack: Stack, browser: aiohttp.ClientSession
+) -> None:
+    """Issue 7 items 7 and 8: a claim never breaks a request, a list item is never two."""
+    from dataclasses import replace
+
+    users = stack.idp.state.users
+    users["bob"] = replace(
+        users["bob"],
+        preferred_username="b\x00o\tb\x7f\x85\u540d",
+        groups=("staff,admins", "staff", "100%"),
+    )
+    cookie = await login(browser, stack, "bob")
+    headers = [session_header(stack, cookie), ("Accept", "application/json")]
+    resp = await raw_request(stack.url, raw_get("/x", host_of(stack), headers))
+    assert resp.status == 200, resp.body
+    echo = resp.json()
+    assert values(echo, "x-forwarded-preferred-username") == ["b%00o%09b%7F%C2%85%E5%90%8D"]
+    assert values(echo, "x-forwarded-groups") == ["staff%2Cadmins,staff,100%25"]
+    # The gateway's own policy and the upstream read the same list: not in admins.
+    resp = await raw_request(stack.url, raw_get("/admin", host_of(stack), headers))
+    assert resp.status == 403
+
+
+ADMIN_SPELLINGS = [
+    "/admin.",
+    "/admin%20",
+    "/admin./x",
+    "/admin%20/x",
+    "/admin%E2%80%8B",
+    "/%EF%BB%BFadmin",
+    "/ad%C2%ADmin",
+    "/%EF%BD%81dmin",
+]
+
+
+@pytest.mark.parametrize("target", ADMIN_SPELLINGS)
+async def test_folded_admin_spellings_never_fall_to_a_weaker_route(
+    stack: Stack, bob: str, target: str
+) -> None:
+    """Issue 7 item 9: bob may use "/" but not /admin; each spelling is refused."""
+    headers = [session_header(stack, bob), ("Accept", "application/json")]
+    resp = await raw_request(stack.url, raw_get(target, host_of(stack), headers))
+    assert resp.status == 400, (target, resp.status, resp.body[:200])
+    assert b'"headers"' not in resp.body
+
+
+async def test_case_insensitive_routes(
+    make_stack: StackFactory, browser: aiohttp.ClientSession
+) -> None:
+    """``server.case_insensitive_routes``: /ADMIN gets /admin's decision (403 for bob)."""
+    stack = await make_stack(server={"case_insensitive_routes": True})
+    cookie = await login(browser, stack, "bob")
+    headers = [session_header(stack, cookie), ("Accept", "application/json")]
+    for target in ("/ADMIN", "/Admin/", "/aDmIn/panel", "/PUBLIC/../ADMIN"):
+        resp = await raw_request(stack.url, raw_get(target, host_of(stack), headers))
+        assert resp.status == 403, (target, resp.status)
+    # A public route answers its other case too, and the path goes upstream as sent.
+    resp = await raw_request(stack.url, raw_get("/Public/Page", host_of(stack), headers))
+    assert resp.status == 200
+    assert resp.json()["path"] == "/Public/Page"
+    assert values(resp.json(), "x-forwarded-user") == []
+    for target in ("/OAUTH2/userinfo", "/Metrics"):
+        resp = await raw_request(stack.url, raw_get(target, host_of(stack), headers))
+        assert resp.status == 404, (target, resp.status)
+
+
+async def test_routes_are_case_sensitive_by_default(stack: Stack, bob: str) -> None:
+    headers = [session_header(stack, bob), ("Accept", "application/json")]
+    resp = await raw_request(stack.url, raw_get("/ADMIN", host_of(stack), headers))
+    assert resp.status == 200
+    assert resp.json()["path"] == "/ADMIN"
+
+
+OWN_SPELLINGS = [
+    "/oauth2/%61uth",
+    "/oauth2/%61uth/admin",
+    "/oauth2/%75serinfo",
+    "/oauth2/%73tart?rd=/",
+    "/oauth2/sign%5fout",
+    "/%6detrics",
+    "/%68ealthz",
+    "/readyz%2E",
+    "/.well-known/jwks%2Ejson",
+    "/./metrics",
+    "/x/../healthz",
+    "/metrics.",
+    "/oauth2./auth",
+    "/oauth2%20/userinfo",
+]
+
+
+@pytest.mark.parametrize("target", OWN_SPELLINGS)
+async def test_own_endpoints_answer_only_their_canonical_spelling(
+    make_stack: StackFactory, browser: aiohttp.ClientSession, target: str
+) -> None:
+    """Issue 7 item 10: one normalization decides every request; other spellings are 404."""
+    stack = await make_stack(**{"server": {"trusted_proxies": ["127.0.0.1/32"]}})
+    cookie = await login(browser, stack, "alice")
+    headers = [session_header(stack, cookie), ("Accept", "application/json")]
+    resp = await raw_request(stack.url, raw_get(target, host_of(stack), headers))
+    assert resp.status == 404, (target, resp.status, resp.body[:200])
+    for name in ("X-Auth-Request-User", "X-Forwarded-User", "Authorization"):
+        assert name not in resp.headers
+    assert b"alice" not in resp.body and b"gateway_requests" not in resp.body
+
+
+async def test_no_server_version_on_any_answer(make_stack: StackFactory) -> None:
+    """Issue 7 item 13: own answers, error pages, aiohttp's own 400 and the metrics port."""
+    metrics_port = free_port()
+    stack = await make_stack(observability={"metrics_listen": f"127.0.0.1:{metrics_port}"})
+    host = host_of(stack)
+    answers = [
+        await raw_request(stack.url, raw_get("/healthz", host)),
+        await raw_request(stack.url, raw_get("/oauth2/nothing", host)),
+        await raw_request(stack.url, raw_get("/x", host, list(API.items()))),
+        await raw_request(stack.url, b"GARBAGE\r\n\r\n"),
+        await raw_request(f"http://127.0.0.1:{metrics_port}", raw_get("/metrics", host)),
+        await raw_request(f"http://127.0.0.1:{metrics_port}", raw_get("/nope", host)),
+    ]
+    assert [a.status for a in answers] == [200, 404, 401, 400, 200, 404]
+    for answer in answers:
+        assert answer.headers.getall("Server") == ["gateway"], answer.headers

@@ -85,8 +85,13 @@ async def test_full_sign_out_revokes_ends_the_provider_session_and_lands_signed_
     async with browser.get(back) as resp:
         assert resp.status == 200
         page = await resp.text()
+        # The round trip consumes the sign-out state cookie; the session cookie was already
+        # cleared by the POST that ended the session.
+        assert resp.cookies["gw_test-logout"].value == ""
+        assert "gw_test" not in resp.cookies
     assert "signed out" in page
     assert 'href="/goodbye"' in page
+    assert "gw_test-logout" not in browser.cookie_jar.filter_cookies(URL(stack.url))
 
     # The old cookie is worthless now, in any browser.
     async with aiohttp.ClientSession(cookies={"gw_test": old_cookie}) as thief:
@@ -122,6 +127,35 @@ async def test_a_get_or_a_cross_site_post_logs_nobody_out(
     assert len(session_keys(redis_server, stack)) == 1
     assert (await call(browser, stack.url + "/x"))[0] == 200
     assert stack.idp.state.revoked == []
+
+
+@pytest.mark.parametrize("query", ["", "?state=forged"])
+async def test_a_cross_site_get_of_the_signed_out_page_changes_nothing(
+    stack: Stack, browser: aiohttp.ClientSession, redis_server: RedisServer, query: str
+) -> None:
+    """Any site can make a browser GET /oauth2/signed_out (a link, an <img>): that must not
+    drop the session cookie while the session lives on at the gateway."""
+    await login(browser, stack)
+    cross_site = {"Sec-Fetch-Site": "cross-site", "Referer": "http://evil.example/"}
+    async with browser.get(stack.url + "/oauth2/signed_out" + query, headers=cross_site) as resp:
+        assert resp.status == 200
+        assert resp.headers.getall("Set-Cookie", []) == []
+    assert (await call(browser, stack.url + "/x"))[0] == 200
+    assert len(session_keys(redis_server, stack)) == 1
+    # Nor does it spoil a sign-out in progress: its state cookie survives a forged state.
+    fields = await confirmation_form(browser, stack, "?rd=/goodbye")
+    async with browser.post(
+        stack.url + "/oauth2/sign_out", data=fields, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303
+        end_session = URL(resp.headers["Location"])
+    async with browser.get(stack.url + "/oauth2/signed_out?state=forged") as resp:
+        assert resp.headers.getall("Set-Cookie", []) == []
+        assert 'href="/"' in await resp.text()
+    async with browser.get(end_session) as resp:  # the provider sends it back with its state
+        assert resp.status == 200
+        assert resp.url.path == "/oauth2/signed_out"
+        assert 'href="/goodbye"' in await resp.text()
 
 
 async def test_sign_out_of_one_browser_leaves_the_other(

@@ -283,3 +283,33 @@ def test_metrics_listen_must_be_host_and_port() -> None:
     cfg = gateway_config("http://127.0.0.1:4180", "http://i", "http://e", None)
     cfg["observability"] = {"metrics_listen": "[::1]:9090"}
     assert validate(cfg, env={}).observability.metrics_listen == "[::1]:9090"
+
+
+async def test_main_port_metrics_only_for_a_local_scraper_unless_public(
+    make_stack: Any,
+) -> None:
+    """Default: a loopback peer without forwarding headers scrapes; a request that came
+    through a proxy (or from another host) gets 404. ``metrics_public: true`` opens it."""
+    stack = await make_stack(store="memory")
+    assert (await scrape(stack.url + "/metrics")).value("gateway_build_info") == 1
+    async with aiohttp.ClientSession() as http:
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+            value = "for=203.0.113.9" if header == "Forwarded" else "203.0.113.9"
+            async with http.get(stack.url + "/metrics", headers={header: value}) as resp:
+                assert resp.status == 404, header
+    public = await make_stack(store="memory", observability={"metrics_public": True})
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(public.url + "/metrics", headers={"X-Forwarded-For": "203.0.113.9"}) as resp,
+    ):
+        assert resp.status == 200
+        assert "gateway_requests_total" in await resp.text()
+
+
+async def test_build_info_and_process_metrics(stack: Stack) -> None:
+    from gateway import __version__
+
+    s = await scrape(stack.url + "/metrics")
+    assert s.value("gateway_build_info", version=__version__) == 1
+    assert s.value("process_resident_memory_bytes") > 0
+    assert s.value("process_cpu_seconds_total") > 0

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -244,6 +243,9 @@ SPOOFED = [
     ("X-Auth-Request-Email", "mallory@evil.example"),
     ("X-Gateway-Assertion", "forged.jwt.value"),
     ("X-Forwarded-Access-Token", "forged"),
+    ("X-Gateway-Login", "forged"),
+    ("X-Original-Method", "forged"),
+    ("X-Auth-Request-Access-Token", "forged"),
     ("Authorization", "Bearer forged-by-client"),
 ]
 
@@ -349,5 +351,25 @@ def test_recipe_is_only_addresses_away_from_running() -> None:
         "location /oauth2/ {",
     ):
         assert needle in text
-    assert shutil.which("nginx") or os.access(NGINX, os.X_OK)
     assert re.search(r"auth_request_set \$gw_auth\s+\$upstream_http_authorization;", text)
+
+
+def test_recipe_copies_what_the_gateway_answers_and_blanks_what_it_emits() -> None:
+    """Every header forward-auth answers with is copied by ``auth_request_set``; every other
+    name the gateway emits as identity or trusts from a proxy is blanked on the way to the
+    app, so a client cannot send it through nginx (issue 7 item 6)."""
+    from gateway.config import DEFAULT_IDENTITY_HEADERS
+    from gateway.forward_auth import LOGIN_HEADER
+    from gateway.gate import ASSERTION_HEADER, EMITTED_ELSEWHERE
+
+    text = RECIPE.read_text()
+    app_block = text.split("location / {", 1)[1].split("}", 1)[0]
+    copied = set(re.findall(r"auth_request_set \$\w+\s+\$upstream_http_(\w+);", app_block))
+    answered = (*DEFAULT_IDENTITY_HEADERS, "Authorization", ASSERTION_HEADER, LOGIN_HEADER)
+    assert {n.lower().replace("-", "_") for n in answered} == copied
+    forwarded_from_copies = {
+        n.lower() for n in re.findall(r"proxy_set_header ([\w-]+) \$gw_\w+;", app_block)
+    }
+    blanked = {n.lower() for n in re.findall(r'proxy_set_header ([\w-]+) "";', app_block)}
+    for name in (*EMITTED_ELSEWHERE, *DEFAULT_IDENTITY_HEADERS, ASSERTION_HEADER):
+        assert name.lower() in blanked | forwarded_from_copies, name

@@ -9,6 +9,7 @@ import pytest
 from gateway.config import RequireSettings, RouteSettings
 from gateway.policy import (
     MAX_PATH,
+    Decision,
     PathRejected,
     RouteTable,
     check_requirements,
@@ -110,15 +111,14 @@ def route(prefix: str, **kw: Any) -> RouteSettings:
     return RouteSettings(prefix=prefix, upstream=UPSTREAM, **kw)
 
 
-TABLE = RouteTable(
-    [
-        route("/"),
-        route("/public", auth="none"),
-        route("/api"),
-        route("/api/v2/"),
-        route("/admin", require={"groups": ["admins"]}),
-    ]
-)
+TABLE_SETTINGS = [
+    route("/"),
+    route("/public", auth="none"),
+    route("/api"),
+    route("/api/v2/"),
+    route("/admin", require={"groups": ["admins"]}),
+]
+TABLE = RouteTable(TABLE_SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +182,82 @@ def test_normalized_path_decides_the_route() -> None:
         assert matched.prefix == "/admin", raw
 
 
+# Spellings that IIS, ASP.NET, Spring's lenient matchers or Windows file servers serve as
+# /admin (issue 7 item 9): each gets /admin's decision or is refused, never "/"'s.
+FOLDED_ADMIN = [
+    "/admin.",
+    "/admin..",
+    "/admin%20",
+    "/admin.%20.",
+    "/admin%09",
+    "/admin./x",
+    "/admin%20/x",
+    "/admin%E3%80%80",  # U+3000 ideographic space
+    "/%EF%BD%81dmin",  # fullwidth a (NFKC)
+    "/admin%EF%BC%8Fx",  # fullwidth solidus (NFKC "/")
+    "/admin::$DATA",  # an NTFS stream of /admin
+    "/admin:x/y",
+    "/public.",  # / and /public: the literal and folded spellings disagree here too
+    "/api/v2./x",  # /api literally, /api/v2/ folded
+]
+FORMAT_CHARS = [
+    "/admin%E2%80%8B",  # U+200B zero width space
+    "/ad%E2%80%8Bmin",
+    "/%EF%BB%BFadmin",  # U+FEFF
+    "/ad%C2%ADmin",  # U+00AD soft hyphen
+    "/admin%E2%80%8E",  # U+200E left-to-right mark
+    "/admin%C2%85",  # U+0085, a C1 control
+    "/admin/...",
+    "/admin/.%20/x",
+    "/%20",
+    "/admin/%EF%BC%8E%EF%BC%8E/x",  # fullwidth "..": NFKC makes it a parent segment
+]
+
+
+@pytest.mark.parametrize("raw", FOLDED_ADMIN + FORMAT_CHARS)
+def test_folded_spellings_of_a_protected_route_are_refused(raw: str) -> None:
+    with pytest.raises(PathRejected):
+        path = normalize_path(raw)
+        TABLE.match(path)
+    ci = RouteTable(TABLE_SETTINGS, case_insensitive=True)
+    with pytest.raises(PathRejected):
+        ci.match(normalize_path(raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "prefix"),
+    [
+        ("/file.tar.gz", "/"),
+        ("/v1.2/x", "/"),
+        ("/admin/file.txt", "/admin"),
+        ("/admin/x.", "/admin"),  # both spellings are /admin's: no reason to refuse
+        ("/admin/a%20b", "/admin"),
+        ("/v1/things:batchGet", "/"),  # a colon inside a route's own paths is no reason
+        ("/admin/x:y", "/admin"),
+        ("/:id", "/"),
+        ("/caf%C3%A9", "/"),
+        ("/%E5%90%8D%E5%89%8D", "/"),
+        ("/.well-known/x", "/"),
+        ("/ADMIN", "/"),  # case-sensitive by default, like RFC 3986
+    ],
+)
+def test_legitimate_paths_keep_their_route(raw: str, prefix: str) -> None:
+    matched = TABLE.match(normalize_path(raw))
+    assert matched is not None
+    assert matched.prefix == prefix, raw
+
+
+@pytest.mark.parametrize("raw", ["/ADMIN", "/Admin/", "/aDmIn/x", "/ADMIN/Panel"])
+def test_case_insensitive_routes_give_the_protected_decision(raw: str) -> None:
+    ci = RouteTable(TABLE_SETTINGS, case_insensitive=True)
+    matched = ci.match(normalize_path(raw))
+    assert matched is not None
+    assert matched.prefix == "/admin"
+    mixed = RouteTable([route("/"), route("/Reports/", auth="none")], case_insensitive=True)
+    found = mixed.match("/REPORTS/q")
+    assert found is not None and found.prefix == "/Reports/"
+
+
 # -- check_requirements ---------------------------------------------------------------------------
 
 
@@ -191,6 +267,11 @@ def ident(**claims: Any) -> Identity:
 
 def req(**kw: Any) -> RouteSettings:
     return route("/", require=RequireSettings(**kw))
+
+
+def mail(email: Any, **claims: Any) -> Identity:
+    """An identity whose provider says its email is verified."""
+    return ident(email=email, email_verified=True, **claims)
 
 
 def test_no_requirements_allow_anyone() -> None:
@@ -217,17 +298,17 @@ def test_groups_any_one_suffices() -> None:
 
 def test_emails_exact_match_case_insensitive() -> None:
     r = req(emails=["Alice@Example.com"])
-    assert check_requirements(r, ident(email="alice@example.com"), []).allowed
-    assert not check_requirements(r, ident(email="alice@example.com.evil"), []).allowed
-    assert not check_requirements(r, ident(email="bob@example.com"), []).allowed
+    assert check_requirements(r, mail("alice@example.com"), []).allowed
+    assert not check_requirements(r, mail("alice@example.com.evil"), []).allowed
+    assert not check_requirements(r, mail("bob@example.com"), []).allowed
     assert not check_requirements(r, ident(), []).allowed
 
 
 def test_email_domains() -> None:
     r = req(email_domains=["example.com", "@Corp.Example"])
-    assert check_requirements(r, ident(email="a@example.com"), []).allowed
-    assert check_requirements(r, ident(email="a@EXAMPLE.COM"), []).allowed
-    assert check_requirements(r, ident(email="a@corp.example"), []).allowed
+    assert check_requirements(r, mail("a@example.com"), []).allowed
+    assert check_requirements(r, mail("a@EXAMPLE.COM"), []).allowed
+    assert check_requirements(r, mail("a@corp.example"), []).allowed
     for bad in (
         "a@sub.example.com",
         "a@example.com.evil",
@@ -236,15 +317,13 @@ def test_email_domains() -> None:
         "@example.com",
         "a@",
     ):
-        assert not check_requirements(r, ident(email=bad), []).allowed, bad
+        assert not check_requirements(r, mail(bad), []).allowed, bad
 
 
 def test_two_at_signs_never_match() -> None:
     for email in ("evil@example.com@example.com", "a@evil.com@example.com", "a@@example.com"):
-        assert not check_requirements(
-            req(email_domains=["example.com"]), ident(email=email), []
-        ).allowed
-        assert not check_requirements(req(emails=[email]), ident(email=email), []).allowed
+        assert not check_requirements(req(email_domains=["example.com"]), mail(email), []).allowed
+        assert not check_requirements(req(emails=[email]), mail(email), []).allowed
         assert not email_in_domains(email, ["example.com"])
 
 
@@ -257,28 +336,45 @@ def test_email_verified_false_refused() -> None:
     ).allowed
     assert check_requirements(r, ident(email="a@example.com", email_verified=True), []).allowed
     assert check_requirements(r, ident(email="a@example.com", email_verified="true"), []).allowed
-    # Absent means the provider does not say; the address is taken as given.
-    assert check_requirements(r, ident(email="a@example.com"), []).allowed
+    # Anything that is not a plain yes is no.
+    for odd in (None, 1, "yes", "", [True], {"value": True}):
+        decision = check_requirements(r, ident(email="a@example.com", email_verified=odd), [])
+        assert decision == Decision(False, "no verified email"), odd
+
+
+def test_missing_email_verified_is_not_verified_unless_the_route_allows_it() -> None:
+    """oauth2-proxy's default: a provider that does not say the address is verified has not
+    verified it. ``allow_unverified_email`` accepts the missing claim, never a false one."""
+    for rule in ({"email_domains": ["example.com"]}, {"emails": ["a@example.com"]}):
+        strict = check_requirements(req(**rule), ident(email="a@example.com"), [])
+        assert strict == Decision(False, "no verified email"), rule
+        lenient = req(**rule, allow_unverified_email=True)
+        assert check_requirements(lenient, ident(email="a@example.com"), []) == Decision(True)
+        for flag in (False, "false", "FALSE"):
+            decision = check_requirements(
+                lenient, ident(email="a@example.com", email_verified=flag), []
+            )
+            assert decision == Decision(False, "no verified email"), (rule, flag)
+    # Without an email rule the claim does not matter.
+    assert check_requirements(req(groups=["g"]), ident(groups=["g"]), []) == Decision(True)
 
 
 def test_non_string_email_refused() -> None:
     r = req(emails=["a@example.com"])
-    assert not check_requirements(r, ident(email=["a@example.com"]), []).allowed
+    assert not check_requirements(r, mail(["a@example.com"]), []).allowed
 
 
 def test_emails_or_domains_either_suffices() -> None:
     r = req(emails=["boss@partner.org"], email_domains=["example.com"])
-    assert check_requirements(r, ident(email="boss@partner.org"), []).allowed
-    assert check_requirements(r, ident(email="x@example.com"), []).allowed
-    assert not check_requirements(r, ident(email="x@partner.org"), []).allowed
+    assert check_requirements(r, mail("boss@partner.org"), []).allowed
+    assert check_requirements(r, mail("x@example.com"), []).allowed
+    assert not check_requirements(r, mail("x@partner.org"), []).allowed
 
 
 def test_lists_combine_with_and() -> None:
     r = req(groups=["admins"], email_domains=["example.com"], scopes=["admin"])
-    good = ident(groups=["admins"], email="a@example.com")
+    good = mail("a@example.com", groups=["admins"])
     assert check_requirements(r, good, ["admin"]).allowed
     assert not check_requirements(r, good, []).allowed
-    assert not check_requirements(
-        r, ident(groups=["admins"], email="a@other.com"), ["admin"]
-    ).allowed
-    assert not check_requirements(r, ident(groups=["x"], email="a@example.com"), ["admin"]).allowed
+    assert not check_requirements(r, mail("a@other.com", groups=["admins"]), ["admin"]).allowed
+    assert not check_requirements(r, mail("a@example.com", groups=["x"]), ["admin"]).allowed

@@ -26,7 +26,7 @@ from yarl import URL
 
 from gateway.echo import WS_CLOSE_CODES, RunningEcho, start_echo
 from gateway.errors import GatewayError
-from gateway.headers import normalize
+from gateway.headers import OwnCookies, normalize
 from gateway.proxy import Forwarder, ProxyTarget, make_upstream_client
 
 MB = 1024 * 1024
@@ -89,7 +89,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         query_string=request.rel_url.raw_query_string,
         inject=options.pop("inject", INJECT),
         strip=STRIP,
-        strip_cookies=frozenset({GATEWAY_COOKIE}),
+        own_cookies=OwnCookies((GATEWAY_COOKIE,)),
         forwarded_for="203.0.113.7",
         forwarded_proto="https",
         forwarded_host="app.example.com",
@@ -407,10 +407,19 @@ async def odd_upstream(aiohttp_server: Any, echo: RunningEcho) -> URL:
         response.set_cookie("theme", "dark")
         return response
 
+    async def ws_cookies(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        ws.set_cookie(GATEWAY_COOKIE, "planted", path="/")
+        ws.headers.add("Set-Cookie", "=__Host-gateway=planted")
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
     app = web.Application()
     app.router.add_get("/truncated", truncated)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/cookies", cookies)
+    app.router.add_get("/ws-cookies", ws_cookies)
     server = await aiohttp_server(app)
     url: URL = server.make_url("/")
     return url
@@ -452,6 +461,22 @@ async def test_upstream_cannot_set_the_gateway_cookie(
     async with client.get("/cookies") as resp:
         set_cookies = resp.headers.getall("Set-Cookie")
     assert [c.split("=")[0] for c in set_cookies] == ["theme"]
+
+
+async def test_upstream_websocket_handshake_cannot_set_the_gateway_cookie(
+    make_proxy: ProxyFactory, odd_upstream: URL
+) -> None:
+    """The client's 101 is the gateway's own: nothing of the upstream's handshake answer."""
+    client = await make_proxy(upstream=odd_upstream)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        b"GET /ws-cookies HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"set-cookie" not in head.lower()
 
 
 async def test_upstream_down_is_502(make_proxy: ProxyFactory) -> None:

@@ -308,8 +308,25 @@ async def test_claim_once_again_after_ttl(env: StoreEnv) -> None:
     assert await env.store.claim_once("jti:short", LONG) is False
 
 
-async def test_ping(env: StoreEnv) -> None:
-    await env.store.ping()
+async def test_ping(env: StoreEnv, redis_server: RedisServer) -> None:
+    """A live store answers ping; Redis really is asked (the server counts the PING)."""
+    if env.kind == "memory":
+        assert await env.store.ping() is None
+        return
+    before = _pings(redis_server)
+    assert await env.store.ping() is None
+    assert _pings(redis_server) > before
+
+
+def _pings(server: RedisServer) -> int:
+    import redis
+
+    client = redis.Redis.from_url(server.url)
+    try:
+        stats = client.info("commandstats").get("cmdstat_ping", {})
+        return int(stats.get("calls", 0))
+    finally:
+        client.close()
 
 
 # -- Redis specifics -----------------------------------------------------------------------------

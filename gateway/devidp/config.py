@@ -7,6 +7,7 @@ test can flip a switch on the running provider and see the very next answer chan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 SIGNING_ALGS = ("RS256", "ES256")
@@ -48,6 +49,9 @@ class Faults:
     The ID-token switches apply to every ID token (code and refresh grants); the
     signature switches (``bad_signature``, ``alg_none``, ``hs256_with_public_key``,
     ``unknown_kid``) apply to ID tokens only, never to access or logout tokens.
+    ``introspection_answer`` sets members of every active introspection answer (a None
+    value removes the member), e.g. ``{"typ": "Refresh"}`` as Keycloak says of a refresh
+    token, or ``{"aud": None, "client_id": None}`` for an answer that names no client.
     """
 
     id_token_iss: str | None = None
@@ -68,6 +72,7 @@ class Faults:
     token_status: int | None = None
     token_delay: float = 0.0
     no_refresh_token: bool = False
+    introspection_answer: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

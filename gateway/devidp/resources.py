@@ -153,5 +153,11 @@ def _describe(state: IdpState, record: AccessRecord, token_type: str) -> dict[st
     if user is not None:
         claims = user_claims(user)
         body["email"] = claims["email"]
+        body["email_verified"] = claims["email_verified"]
         body["groups"] = claims["groups"]
+    for name, value in state.faults.introspection_answer.items():
+        if value is None:
+            body.pop(name, None)
+        else:
+            body[name] = value
     return body

@@ -120,7 +120,7 @@ def access_token_claims(
     ttl: int,
     jti: str,
 ) -> dict[str, Any]:
-    """RFC 9068 §2.2 claims plus the user's email and groups."""
+    """RFC 9068 §2.2 claims plus the user's email (and whether it is verified) and groups."""
     claims: dict[str, Any] = {
         "iss": issuer,
         "sub": sub,
@@ -133,6 +133,7 @@ def access_token_claims(
     }
     if user is not None:
         claims["email"] = user.email
+        claims["email_verified"] = user.email_verified
         claims["groups"] = list(user.groups)
     return claims
 

@@ -31,6 +31,7 @@ class LogoutClaims:
     sid: str | None
     jti: str
     exp: float
+    iat: float
 
 
 class IdTokenValidator:
@@ -156,7 +157,10 @@ class IdTokenValidator:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti or len(jti) > 256:
             raise TokenValidationError("bad jti")
-        return LogoutClaims(sub=sub or None, sid=sid or None, jti=jti, exp=float(claims["exp"]))
+        return LogoutClaims(
+            sub=sub or None, sid=sid or None, jti=jti, exp=float(claims["exp"]),
+            iat=float(claims["iat"]),
+        )  # fmt: skip
 
     async def validate_access_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
         """An API client's own JWT access token (RFC 9068 §4): iss, aud, exp, nbf, allowlisted alg."""
