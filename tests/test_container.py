@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -206,11 +205,6 @@ async def test_image_runs_non_root_read_only_and_signs_a_user_in(
             await echo.close()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gateway.server") is None,
-    reason="needs the SIGTERM drain (issue 10, gateway/server.py): as PID 1 without a SIGTERM "
-    "handler the gateway ignores docker stop until SIGKILL",
-)
 async def test_image_stops_on_sigterm_with_exit_0(
     image: str, tmp_path: Path, redis_server: RedisServer
 ) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.config import validate
 from gateway.crypto import new_secret
 from tests.gateway_proc import gateway_command
 
@@ -155,8 +156,10 @@ def test_deployment_is_shaped_for_production() -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
-    # preStop sleep + server.shutdown_timeout (25s default) must fit in the grace period.
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + 25
+    (cm,) = docs(K8S / "base" / "configmap.yaml")
+    shutdown = validate(yaml.safe_load(cm["data"]["gateway.yaml"]), env=CONFIG_ENV)
+    # preStop sleep + server.shutdown_timeout must fit in the grace period.
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + shutdown.server.shutdown_timeout
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
