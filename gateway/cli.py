@@ -1,4 +1,5 @@
-"""The ``gateway`` command: run, demo, check-config, gen-secret, sessions."""
+"""The ``gateway`` command: run, demo, check-config, gen-secret, sessions, version, healthcheck,
+and the demo's parts (devidp, echo) for containers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
+from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, redacted, resolve_path
 from gateway.crypto import new_secret
 from gateway.errors import StoreError
@@ -19,8 +22,8 @@ def _load(path: str | None) -> Settings:
         return load_settings(path)
     except ConfigError as exc:
         where = resolve_path(path)
-        for problem in exc.problems:
-            print(f"{where}: {problem}", file=sys.stderr)
+        for line in exc.lines(where):
+            print(line, file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -97,6 +100,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"gateway {__version__}")
+    return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from gateway.healthcheck import check, healthz_url
+
+    url = args.url or healthz_url(_load(args.config))
+    healthy, detail = check(url, args.timeout)
+    print(
+        f"{'ok' if healthy else 'unhealthy'}: {detail}", file=sys.stdout if healthy else sys.stderr
+    )
+    return 0 if healthy else 1
+
+
+def cmd_devidp(args: argparse.Namespace) -> int:
+    from gateway.demo import run_devidp
+
+    return _run_part(run_devidp(args))
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_echo
+
+    return _run_part(run_echo(args.host, args.port, container=args.container))
+
+
+def _run_part(main: Coroutine[Any, Any, None]) -> int:
+    configure_logging("text", "info")
+    try:
+        asyncio.run(main)
+    except KeyboardInterrupt:
+        pass
+    except ValueError as exc:  # a refused bind address or a taken port: one line
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     from gateway.admin import list_sessions, revoke_sessions
 
@@ -122,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="OpenID Connect authentication gateway"
     )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -135,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="dev provider + echo upstream + gateway, on one machine")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4180)
+    p.add_argument("--host", default="127.0.0.1", help="a loopback address")
+    p.add_argument(
+        "--port", type=int, default=4180,
+        help="the gateway's port; the provider uses PORT+1 and the echo upstream PORT+2",
+    )  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check-config", help="validate the config and print it, secrets redacted")
@@ -152,6 +199,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gen-secret", help="print a fresh cookie secret")
     p.set_defaults(func=cmd_gen_secret)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("healthcheck", help="GET /healthz of the local gateway; exit 0 when 200")
+    with_config(p)
+    p.add_argument("--url", help="ask this URL instead of the configured server.host/port")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.set_defaults(func=cmd_healthcheck)
+
+    container_help = (
+        "allow a non-loopback --host; only inside a container whose port is published to "
+        "loopback (the development provider has demo users with known passwords)"
+    )
+    p = sub.add_parser("devidp", help="the development OpenID provider alone (demo users)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--issuer", help="issuer URL as browsers reach it (default: the bound URL)")
+    p.add_argument(
+        "--relying-party", default="http://127.0.0.1:4180",
+        help="the gateway's public_url: its callback, signed-out and back-channel URIs are registered",
+    )  # fmt: skip
+    p.add_argument("--client-id", default="gateway-demo")
+    p.add_argument(
+        "--client-secret-env", default="DEVIDP_CLIENT_SECRET",
+        help="environment variable holding the client secret (default DEVIDP_CLIENT_SECRET)",
+    )  # fmt: skip
+    p.add_argument("--container", action="store_true", help=container_help)
+    p.set_defaults(func=cmd_devidp)
+
+    p = sub.add_parser("echo", help="the demo's echo upstream alone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--container", action="store_true", help=container_help)
+    p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("sessions", help="list or revoke sessions in the Redis store")
     p.add_argument("action", choices=["list", "revoke"])

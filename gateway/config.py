@@ -11,7 +11,7 @@ import base64
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +29,12 @@ from pydantic import (
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 ENV_PREFIX = "GATEWAY_"
+# Only GATEWAY_<SECTION>__<KEY>[__<KEY>...] is configuration. Kubernetes injects service links
+# such as GATEWAY_PORT=tcp://10.0.0.1:4180 and GATEWAY_SERVICE_HOST into every pod of a
+# namespace with a Service named "gateway"; those (no double underscore) are ignored.
+_ENV_NAME = re.compile(
+    r"GATEWAY_([A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)((?:__[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)+)"
+)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -36,11 +42,23 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", 
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; ``problems`` holds one ``key: problem`` line each."""
+    """A config that cannot be used; ``problems`` holds one ``key: problem`` line each.
 
-    def __init__(self, problems: list[str]):
+    ``env_problems`` is the subset caused by a ``GATEWAY_<SECTION>__<KEY>`` variable: each
+    of those lines starts with the variable's name, and ``lines()`` does not blame the file.
+    """
+
+    def __init__(self, problems: list[str], env_problems: Collection[str] = ()):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.env_problems = frozenset(env_problems)
+
+    def lines(self, where: str) -> list[str]:
+        """One line per problem: ``<file>: <problem>``, or just the problem a variable caused."""
+        return [
+            p if p in self.env_problems or p.startswith(f"{where}: ") else f"{where}: {p}"
+            for p in self.problems
+        ]
 
 
 def parse_duration(value: Any) -> float:
@@ -638,18 +656,30 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: list[str]) 
     return value
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
-    """Overlay ``GATEWAY_<SECTION>__<KEY>=value``.
+def env_key(name: str) -> tuple[str, ...] | None:
+    """The config path a variable sets (``GATEWAY_SESSION__REDIS_URL`` → session, redis_url).
+
+    None for every other name, ``GATEWAY_CONFIG`` and Kubernetes service links included.
+    """
+    m = _ENV_NAME.fullmatch(name)
+    if m is None:
+        return None
+    return (m.group(1).lower(), *m.group(2)[2:].lower().split("__"))
+
+
+def _apply_env(
+    data: dict[str, Any], env: Mapping[str, str], problems: list[str]
+) -> dict[tuple[str, ...], str]:
+    """Overlay ``GATEWAY_<SECTION>__<KEY>=value``; return which variable set which path.
 
     A value in ``[...]`` or ``{...}`` is a YAML flow collection and ``null`` is None; anything
     else is taken verbatim (pydantic turns ``true`` or ``4180`` into the field's type), so a
     secret holding ``#``, ``&`` or ``: `` is never cut short by YAML syntax.
     """
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "GATEWAY_CONFIG":
-            continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
-        if not keys:
+    applied: dict[tuple[str, ...], str] = {}
+    for name, raw in sorted(env.items()):
+        keys = env_key(name)
+        if keys is None:
             continue
         value: Any = raw
         if raw.strip().startswith(("[", "{")):
@@ -669,8 +699,19 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]
             node = node[key]
         if isinstance(node, dict):
             node[keys[-1]] = value
+            applied[keys] = name
         else:
             problems.append(f"{name}: cannot be applied to {'.'.join(keys)}")
+    return applied
+
+
+def _env_cause(loc: tuple[int | str, ...], applied: Mapping[tuple[str, ...], str]) -> str | None:
+    """The variable that set ``loc`` or one of its parents, if any did."""
+    path = tuple(str(p) for p in loc)
+    for keys, name in applied.items():
+        if path[: len(keys)] == keys:
+            return name
+    return None
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -692,7 +733,8 @@ def validate(data: Any, env: Mapping[str, str] | None = None) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(["(top): the file must hold a mapping of sections"])
     data = _expand(data, env, "", problems)
-    _apply_env(data, env, problems)
+    env_problems: list[str] = []
+    applied = _apply_env(data, env, env_problems)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -710,13 +752,17 @@ def validate(data: Any, env: Mapping[str, str] | None = None) -> Settings:
                 msg = "is required"
             for line in msg.split("\n"):
                 key, sep, rest = line.partition(": ")
+                where = loc
                 if key.startswith("@") and sep:
-                    problems.append(f"{_loc((*loc, key[1:]))}: {rest}")
-                else:
-                    problems.append(f"{_loc(loc)}: {line}")
-        raise ConfigError(problems) from None
-    if problems:
-        raise ConfigError(problems)
+                    where, line = (*loc, key[1:]), rest
+                name = _env_cause(where, applied)
+                if name is None:
+                    problems.append(f"{_loc(where)}: {line}")
+                else:  # caused by a variable: name it, not the file
+                    env_problems.append(f"{name} ({_loc(where)}): {line}")
+        raise ConfigError(problems + env_problems, env_problems) from None
+    if problems or env_problems:
+        raise ConfigError(problems + env_problems, env_problems)
     return settings
 
 

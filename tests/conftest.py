@@ -27,6 +27,18 @@ from gateway.echo import RunningEcho, start_echo
 CLIENT_ID = "gateway-test"
 CLIENT_SECRET = "test-client-secret-0123456789abcdef"
 
+# What Kubernetes injects into every pod of a namespace with a Service named "gateway".
+SERVICE_LINKS = {
+    "GATEWAY_PORT": "tcp://10.0.0.1:4180",
+    "GATEWAY_PORT_4180_TCP": "tcp://10.0.0.1:4180",
+    "GATEWAY_PORT_4180_TCP_PROTO": "tcp",
+    "GATEWAY_PORT_4180_TCP_PORT": "4180",
+    "GATEWAY_PORT_4180_TCP_ADDR": "10.0.0.1",
+    "GATEWAY_SERVICE_HOST": "10.0.0.1",
+    "GATEWAY_SERVICE_PORT": "4180",
+    "GATEWAY_SERVICE_PORT_HTTP": "4180",
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -58,7 +58,12 @@ class GatewayProcess:
 
 
 async def start_gateway_process(
-    config: dict[str, Any], workdir: Path, *, name: str = "gateway", args: Sequence[str] = ()
+    config: dict[str, Any],
+    workdir: Path,
+    *,
+    name: str = "gateway",
+    args: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
 ) -> GatewayProcess:
     """Start ``gateway run`` on ``config["server"]`` host/port; raise with its log if it fails."""
     server = config["server"]
@@ -69,6 +74,7 @@ async def start_gateway_process(
     # No GATEWAY_* variable of the caller may override the file under test.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra_env or {})
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *gateway_command(), "run", "--config", str(config_path), *args,

@@ -16,7 +16,14 @@ import yaml
 from gateway.config import validate
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
 from gateway.devidp.config import Faults
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, StackFactory, free_port
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SERVICE_LINKS,
+    RedisServer,
+    StackFactory,
+    free_port,
+)
 from tests.idp_client import http_login
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +142,69 @@ async def test_check_config_env_override(tmp_path: Path) -> None:
     data = json.loads(out)
     assert data["session"]["cookie_name"] == "__Host-from-env"
     assert data["server"]["port"] == 8081
+
+
+async def test_check_config_and_run_ignore_kubernetes_service_links(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    from gateway.echo import start_echo
+    from tests.conftest import gateway_config
+    from tests.gateway_proc import start_gateway_process
+
+    path = write(tmp_path / "good.yaml", config(await new_secret(tmp_path)))
+    code, out, err = await gateway(
+        "check-config", "--config", str(path), cwd=tmp_path, env=SERVICE_LINKS
+    )
+    assert code == 0, err
+    assert json.loads(out)["server"]["port"] == 4180
+    # gateway run serves with them set: a browser signs in through it.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = ClientRegistration(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uris=(url + "/oauth2/callback",)
+    )
+    async with (
+        await start_devidp(DevIdpConfig(users=demo_users(), clients=[client])) as idp,
+        aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
+        ) as http,
+    ):
+        echo = await start_echo()
+        cfg = gateway_config(url, idp.url, str(echo.url), redis_server.url)
+        cfg["server"]["port"] = port
+        gw = await start_gateway_process(cfg, tmp_path, extra_env=SERVICE_LINKS)
+        try:
+            result = await http_login(http, url + "/whoami", "alice", "alice")
+            assert result.status == 200, result.body
+            async with http.get(url + "/whoami", headers={"Accept": "application/json"}) as resp:
+                assert resp.status == 200
+                seen = (await resp.json())["headers"]
+            assert ["X-Forwarded-User", "alice"] in seen
+        finally:
+            await gw.close()
+            await echo.close()
+
+
+async def test_check_config_env_problem_names_the_variable_not_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", config(await new_secret(tmp_path)))
+    env = {"GATEWAY_SERVER__PORT": "http", "GATEWAY_PORT": "tcp://10.0.0.1:4180"}
+    code, out, err = await gateway("check-config", "--config", str(path), cwd=tmp_path, env=env)
+    assert code == 2
+    assert out == ""
+    assert err.splitlines() == [
+        "GATEWAY_SERVER__PORT (server.port): Input should be a valid integer, unable to parse "
+        "string as an integer"
+    ]
+
+
+async def test_version_and_dash_dash_version(tmp_path: Path) -> None:
+    from gateway import __version__
+
+    for args in (("version",), ("--version",)):
+        code, out, err = await gateway(*args, cwd=tmp_path)
+        assert code == 0, err
+        assert out == f"gateway {__version__}\n"
 
 
 async def test_check_config_default_paths(tmp_path: Path) -> None:

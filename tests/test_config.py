@@ -20,6 +20,7 @@ from gateway.config import (
     validate,
 )
 from gateway.crypto import new_secret
+from tests.conftest import SERVICE_LINKS
 
 CLIENT_SECRET = "client-secret-7f3a9c1e5b"
 REDIS_PASSWORD = "redis-pass-4d8e2b6a"
@@ -212,7 +213,53 @@ def test_env_overlay_bad_flow_list_names_the_variable() -> None:
 
 def test_env_overlay_unknown_key_refused() -> None:
     problems = problems_of(base_config(), {"GATEWAY_SESSION__COOKIE_COLOUR": "blue"})
-    assert problems == ["session.cookie_colour: unknown key"]
+    assert problems == ["GATEWAY_SESSION__COOKIE_COLOUR (session.cookie_colour): unknown key"]
+
+
+def test_env_kubernetes_service_links_are_not_configuration() -> None:
+    settings = validate(base_config(), env=SERVICE_LINKS)
+    assert settings == validate(base_config(), env={})
+    assert settings.server.port == 4180
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["GATEWAY_PORT", "GATEWAY_SERVER_PORT", "GATEWAY_CONFIG", "GATEWAY___PORT", "GATEWAY_SERVER__"],
+)
+def test_env_only_section_double_underscore_key_is_configuration(name: str) -> None:
+    settings = validate(base_config(), env={name: "not a port"})
+    assert settings.server.port == 4180
+
+
+def test_env_nested_key_below_a_section() -> None:
+    env = {"GATEWAY_PROVIDER__EXTRA_AUTH_PARAMS__PROMPT": "login"}
+    settings = validate(base_config(), env=env)
+    assert settings.provider.extra_auth_params == {"prompt": "login"}
+
+
+def test_env_problem_names_the_variable_and_file_problems_the_file() -> None:
+    data = base_config()
+    data["session"]["cookie_samesite"] = "sideways"  # from the file
+    env = {"GATEWAY_SERVER__PORT": "http", "GATEWAY_SESSION__IDLE_TIMEOUT": "soon"}
+    with pytest.raises(ConfigError) as info:
+        validate(data, env=env)
+    lines = info.value.lines("gw.yaml")
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("gw.yaml: session.cookie_samesite: ")
+    assert sorted(lines[1:]) == [
+        "GATEWAY_SERVER__PORT (server.port): Input should be a valid integer, unable to parse "
+        "string as an integer",
+        "GATEWAY_SESSION__IDLE_TIMEOUT (session.idle_timeout): expected a duration such as 30s, "
+        "15m, 8h or 7d",
+    ]
+    assert info.value.env_problems == frozenset(lines[1:])
+
+
+def test_env_problem_in_an_item_of_a_list_names_the_variable() -> None:
+    env = {"GATEWAY_SERVER__TRUSTED_PROXIES": "[10.0.0.0/8, nonsense]"}
+    with pytest.raises(ConfigError) as info:
+        validate(base_config(), env=env)
+    assert all(line.startswith("GATEWAY_SERVER__TRUSTED_PROXIES") for line in info.value.lines("f"))
 
 
 def test_var_expansion(tmp_path: Path) -> None:
