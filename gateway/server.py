@@ -35,11 +35,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings
@@ -126,6 +129,38 @@ class GatewayProtocol(RequestHandler):
             return
         log.debug("closed a connection whose request head was not complete in time")
         self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request the parser refused: a plain answer that echoes nothing it was sent.
+
+        aiohttp's own answer quotes the offending line (a cookie or an ``Authorization``
+        header, say) in its body and logs it with a traceback; neither may carry a secret.
+        """
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        log.info(
+            "refused a malformed request from %s: %s (%d)",
+            request.remote, type(exc).__name__, status,
+        )  # fmt: skip
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer has started; the connection is closed")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Bad Request"
+        resp = web.Response(
+            status=status,
+            text=f"{status} {phrase}\n\nThe request could not be read.\n",
+            content_type="text/plain",
+        )
+        resp.force_close()
+        return resp
 
 
 class GatewayServer(web.Server):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -169,3 +170,28 @@ def test_timeouts_have_the_contract_defaults() -> None:
         4096,
         False,
     )
+
+
+async def test_a_malformed_request_is_answered_without_echoing_what_it_sent(
+    start_gateway: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's own 400 quotes the refused header line (a cookie, a token) in its body and
+    logs it with a traceback: the gateway's answers neither."""
+    caplog.set_level(logging.INFO, logger="gateway.server")
+    url = await start_gateway(max_header_size=1024)
+    port = int(url.rsplit(":", 1)[1])
+    secret = b"SECRET-COOKIE-VALUE-" + b"x" * 2000
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: __Host-gateway=" + secret)
+        writer.write(b"\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), BOUND)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") or head.startswith(b"HTTP/1.0 400 ")
+    assert body == b"400 Bad Request\n\nThe request could not be read.\n"
+    assert b"SECRET" not in answer
+    assert "SECRET" not in caplog.text
+    assert "refused a malformed request from 127.0.0.1: LineTooLong (400)" in caplog.text
