@@ -15,23 +15,16 @@ from gateway.auth import authenticate, unauthenticated
 from gateway.errors import BadRequest, NotFound
 from gateway.policy import PathRejected, normalize_path
 from gateway.principal import Principal
+from gateway.routes import (
+    ASSERTION_HEADER,
+    EMITTED_ELSEWHERE,
+    MAX_CLAIM_HEADER,
+    CompiledRoute,
+    identity_headers,
+)
 
 # Re-exported: tests and tools name these through the gate.
-from gateway.routes import (
-    ASSERTION_HEADER as ASSERTION_HEADER,
-)
-from gateway.routes import (
-    EMITTED_ELSEWHERE as EMITTED_ELSEWHERE,
-)
-from gateway.routes import (
-    MAX_CLAIM_HEADER as MAX_CLAIM_HEADER,
-)
-from gateway.routes import (
-    CompiledRoute,
-)
-from gateway.routes import (
-    identity_headers as identity_headers,
-)
+__all__ = ["ASSERTION_HEADER", "EMITTED_ELSEWHERE", "MAX_CLAIM_HEADER", "Gate", "identity_headers"]
 
 
 class Gate:
