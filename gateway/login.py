@@ -103,6 +103,10 @@ def _stamp(value: str) -> int:
     return int(head) if head.isdigit() and len(head) < 12 else 0
 
 
+# The way on from a page that refuses a sign-in response.
+_START_AGAIN = (paths.START, "Start signing in again")
+
+
 async def callback(request: web.Request) -> web.StreamResponse:
     """The redirect_uri. Every answer is no-store and no-referrer (SECURITY.md 8)."""
     try:
@@ -131,9 +135,6 @@ async def callback(request: web.Request) -> web.StreamResponse:
     cookies.set(resp, cookies.name, done.ticket.to_cookie(app[keys.RING]), max_age)
     resp.headers.update(NO_STORE)
     return resp
-
-
-_START_AGAIN = (paths.START, "Start signing in again")
 
 
 async def userinfo(request: web.Request) -> web.StreamResponse:
