@@ -22,17 +22,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from bench.bare_proxy import make_app as bare_app
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing, decode_secret
-from gateway.gate import Gate
 from gateway.headers import upstream_headers
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
 from gateway.policy import RouteTable, check_requirements, normalize_path
 from gateway.proxy import ProxyTarget, upstream_url
+from gateway.routes import identity_headers, protected_header_names
 from gateway.session import Ticket
 from gateway.sessions import SessionManager
 from gateway.store.redis import RedisStore
@@ -111,7 +113,10 @@ async def measure(
         routes = RouteTable(settings.routes)
         route = routes.match("/")
         assert route is not None
-        gate = Gate(settings)
+        strip = protected_header_names(settings)
+        own_cookies = CookiePolicy.from_settings(settings.session).own
+        upstream = URL(route.settings.upstream)
+        mapping = route.settings.identity_headers
         metrics = Metrics()
         host = f"127.0.0.1:{settings.server.port}"
         headers = _wrk_headers(host, settings.session.cookie_name, cookie)
@@ -151,14 +156,14 @@ async def measure(
             "`check_requirements` (no `require` on the route)")  # fmt: skip
 
         # -- forwarding --------------------------------------------------------------------
-        add("identity headers", best(lambda: gate.inject_for(route, session), n),
-            "`Gate.inject_for`: claims → X-Forwarded-* values")  # fmt: skip
-        inject = gate.inject_for(route, session)
+        add("identity headers", best(lambda: identity_headers(mapping, session.identity), n),
+            "`CompiledRoute.identity`: claims → X-Forwarded-* values")  # fmt: skip
+        inject = identity_headers(mapping, session.identity)
 
         def target() -> ProxyTarget:
             return ProxyTarget(
-                upstream=gate.upstreams[route.index], path="/", query_string="", inject=inject,
-                strip=gate.strip, own_cookies=gate.own_cookies,
+                upstream=upstream, path="/", query_string="", inject=inject,
+                strip=strip, own_cookies=own_cookies,
                 forwarded_for="127.0.0.1", forwarded_proto="http", forwarded_host=host,
             )  # fmt: skip
 

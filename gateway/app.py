@@ -14,10 +14,10 @@ from contextlib import suppress
 import aiohttp
 from aiohttp import web
 
-from gateway import keys, login, logout
+from gateway import keys, login, logout, paths
 from gateway.assertion import ASSERTION, AssertionSigner, jwks_handler
 from gateway.bearer import BearerVerifier
-from gateway.config import Settings
+from gateway.config import RouteSettings, Settings
 from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing, decode_secret
 from gateway.errors import ProviderTransportError, StoreError
@@ -28,8 +28,8 @@ from gateway.middleware import access_log, errors, hide_server_version, on_respo
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
 from gateway.pages import NO_STORE, Pages
-from gateway.policy import RouteTable
 from gateway.proxy import Forwarder, make_upstream_client
+from gateway.routes import Routes
 from gateway.sessions import SessionManager
 from gateway.store import SessionStore, open_store
 from gateway.tracing import Tracing
@@ -62,9 +62,6 @@ def create_app(
         [decode_secret(s.get_secret_value()) for s in settings.session.cookie_secrets]
     )
     app[keys.COOKIES] = CookiePolicy.from_settings(settings.session)
-    app[keys.ROUTES] = RouteTable(
-        settings.routes, case_insensitive=settings.server.case_insensitive_routes
-    )
     app[keys.PAGES] = Pages(settings.pages)
     app[keys.TRACING] = tracing
     app.on_cleanup.append(lambda app: app[keys.TRACING].shutdown())
@@ -81,27 +78,27 @@ def create_app(
     if not shared:
         app.cleanup_ctx.append(metrics_listener(settings))
 
-    gate = Gate(settings)
+    gate = Gate()
     # ``gate.own``: an own endpoint answers only its canonical spelling (aiohttp's router
     # matches the decoded path; the gate's one normalization decides every other spelling).
     own = gate.own
-    app.router.add_get("/oauth2/start", own("/oauth2/start", login.start))
-    app.router.add_get("/oauth2/callback", own("/oauth2/callback", login.callback))
-    app.router.add_get("/oauth2/userinfo", own("/oauth2/userinfo", login.userinfo))
-    forward_auth = ForwardAuth(settings, gate)
-    app.router.add_route("*", "/oauth2/auth", own("/oauth2/auth", forward_auth.handle))
+    app.router.add_get(paths.START, own(paths.START, login.start))
+    app.router.add_get(paths.CALLBACK, own(paths.CALLBACK, login.callback))
+    app.router.add_get(paths.USERINFO, own(paths.USERINFO, login.userinfo))
+    forward_auth = ForwardAuth(settings)
+    app.router.add_route("*", paths.AUTH, own(paths.AUTH, forward_auth.handle))
     # Envoy path_prefix: the original path follows, in any spelling.
-    tail = own("/oauth2/auth/", forward_auth.handle, prefix=True)
-    app.router.add_route("*", "/oauth2/auth/{tail:.*}", tail)
-    app.router.add_route("*", "/oauth2/sign_out", own("/oauth2/sign_out", logout.sign_out))
-    app.router.add_get(logout.SIGNED_OUT_PATH, own(logout.SIGNED_OUT_PATH, logout.signed_out))
-    backchannel = own("/oauth2/backchannel_logout", logout.backchannel_logout)
-    app.router.add_route("*", "/oauth2/backchannel_logout", backchannel)
+    tail = own(paths.AUTH + "/", forward_auth.handle, prefix=True)
+    app.router.add_route("*", paths.AUTH + "/{tail:.*}", tail)
+    app.router.add_route("*", paths.SIGN_OUT, own(paths.SIGN_OUT, logout.sign_out))
+    app.router.add_get(paths.SIGNED_OUT, own(paths.SIGNED_OUT, logout.signed_out))
+    backchannel = own(paths.BACKCHANNEL_LOGOUT, logout.backchannel_logout)
+    app.router.add_route("*", paths.BACKCHANNEL_LOGOUT, backchannel)
     if not settings.observability.metrics_listen:
-        app.router.add_get("/metrics", own("/metrics", main_port_metrics(settings)))
-    app.router.add_get("/.well-known/jwks.json", own("/.well-known/jwks.json", jwks_handler))
-    app.router.add_get("/healthz", own("/healthz", healthz))
-    app.router.add_get("/readyz", own("/readyz", readyz))
+        app.router.add_get(paths.METRICS, own(paths.METRICS, main_port_metrics(settings)))
+    app.router.add_get(paths.JWKS, own(paths.JWKS, jwks_handler))
+    app.router.add_get(paths.HEALTHZ, own(paths.HEALTHZ, healthz))
+    app.router.add_get(paths.READYZ, own(paths.READYZ, readyz))
     app.router.add_route("*", "/{tail:.*}", gate.handle)
     return app
 
@@ -133,19 +130,20 @@ async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Compile the routes (``keys.ROUTES``): one upstream client per TLS setting, one
+    forwarder per route. Runs once per application start, so again on every reload."""
     settings = app[keys.SETTINGS]
     clients: dict[tuple[bool, str | None], aiohttp.ClientSession] = {}
-    forwarders: dict[int, Forwarder] = {}
-    for index, route in enumerate(settings.routes):
+
+    def forwarder_for(route: RouteSettings) -> Forwarder:
         tls = (route.tls_verify, route.tls_ca_file)
         if tls not in clients:
             clients[tls] = make_upstream_client(
                 ca_file=route.tls_ca_file, verify_tls=route.tls_verify
             )
-        forwarders[index] = Forwarder(
-            clients[tls], ws_open=app[METRICS].websockets, tracing=app[keys.TRACING]
-        )
-    app[keys.FORWARDERS] = forwarders
+        return Forwarder(clients[tls], ws_open=app[METRICS].websockets, tracing=app[keys.TRACING])
+
+    app[keys.ROUTES] = Routes(settings, forwarder_for)
     yield
     for client in clients.values():
         await client.close()

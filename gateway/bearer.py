@@ -34,7 +34,6 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     ProviderTransportError,
-    ProviderUnavailable,
     TokenValidationError,
     Unauthenticated,
 )
@@ -228,12 +227,9 @@ class BearerVerifier:
         self._busy_logged = 0.0
 
     async def verify(self, token: str) -> BearerPrincipal:
-        """The principal of a token; raise InvalidToken (401), or ProviderUnavailable or
-        IntrospectionBusy (503)."""
-        try:
-            meta = await self.provider.metadata()
-        except ProviderTransportError:
-            raise ProviderUnavailable() from None
+        """The principal of a token; raise InvalidToken (401), or IntrospectionBusy
+        or ProviderTransportError (503, see the error middleware)."""
+        meta = await self.provider.metadata()
         if _COMPACT_JWS.fullmatch(token):
             return await self._jwt(token)
         return await self._introspected(token, meta.issuer)
@@ -252,7 +248,7 @@ class BearerVerifier:
         except ProviderTransportError as exc:
             # The JWKS could not be fetched: the token may be fine, we cannot tell.
             log.warning("bearer token not checked: %s", exc)
-            raise ProviderUnavailable() from None
+            raise
         except jwt.PyJWTError:
             raise InvalidToken() from None
         exp = claims.get("exp")
@@ -302,7 +298,7 @@ class BearerVerifier:
         except ProviderTransportError as exc:
             # Not cached: the next request asks again (503 now, RFC 7662 §4 leaves it to us).
             log.warning("token introspection unavailable: %s", exc)
-            raise ProviderUnavailable() from None
+            raise
         now = self.clock()
         try:
             principal = self._from_introspection(data, issuer, now)

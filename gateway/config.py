@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway import paths
+
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 ENV_PREFIX = "GATEWAY_"
 # Only GATEWAY_<SECTION>__<KEY>[__<KEY>...] is configuration. Kubernetes injects service links
@@ -628,7 +630,7 @@ class Settings(_Model):
 
     @property
     def redirect_uri(self) -> str:
-        return self.server.public_url + "/oauth2/callback"
+        return self.server.public_url + paths.CALLBACK
 
 
 # -- loading -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 
 from aiohttp import web
 
+from gateway import paths
 from gateway.app import create_app
 from gateway.config import Settings, validate
 from gateway.crypto import new_secret, random_token
@@ -101,9 +102,9 @@ async def run_demo(
                         ClientRegistration(
                             client_id="gateway-demo",
                             client_secret=secret,
-                            redirect_uris=(gateway_url + "/oauth2/callback",),
-                            post_logout_redirect_uris=(gateway_url + "/oauth2/signed_out",),
-                            backchannel_logout_uri=gateway_url + "/oauth2/backchannel_logout",
+                            redirect_uris=(gateway_url + paths.CALLBACK,),
+                            post_logout_redirect_uris=(gateway_url + paths.SIGNED_OUT,),
+                            backchannel_logout_uri=gateway_url + paths.BACKCHANNEL_LOGOUT,
                         )
                     ],
                 ),
@@ -132,7 +133,7 @@ async def run_demo(
             "  Demo users:         alice / alice (groups admins, staff)\n"
             "                      bob / bob     (group staff)\n"
             f"  Public route:       {gateway_url}/public (no login)\n"
-            f"  Sign out:           {gateway_url}/oauth2/sign_out\n"
+            f"  Sign out:           {gateway_url}{paths.SIGN_OUT}\n"
             "  Stop with Ctrl-C.\n",
             flush=True,
         )
@@ -186,9 +187,9 @@ async def run_devidp(args: argparse.Namespace) -> None:
             ClientRegistration(
                 client_id=args.client_id,
                 client_secret=secret,
-                redirect_uris=(rp + "/oauth2/callback",),
-                post_logout_redirect_uris=(rp + "/oauth2/signed_out", rp + "/"),
-                backchannel_logout_uri=rp + "/oauth2/backchannel_logout",
+                redirect_uris=(rp + paths.CALLBACK,),
+                post_logout_redirect_uris=(rp + paths.SIGNED_OUT, rp + "/"),
+                backchannel_logout_uri=rp + paths.BACKCHANNEL_LOGOUT,
             )
         ],
         issuer=(args.issuer or f"http://{shown}:{args.port}").rstrip("/"),

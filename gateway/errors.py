@@ -13,6 +13,8 @@ class GatewayError(Exception):
     status: int = 500
     code: str = "internal_error"
     public_message: str = "The gateway could not handle this request."
+    # A page's one way on (href, label) when shown as HTML, set by the raising handler.
+    link: tuple[str, str] | None = None
 
     def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
         super().__init__(message or self.public_message)

@@ -62,3 +62,13 @@ class LoginState:
 def flow_id_for(state: str) -> str:
     """Short cookie-name-safe id of a flow: 16 base64url chars of sha256(state)."""
     return sha256_b64u(state)[:16]
+
+
+def slot_for(state: str, slots: int) -> int:
+    """Which login-state cookie slot a flow's state belongs to."""
+    return flow_id_for(state).encode()[0] % slots
+
+
+def flow_cookie(prefix: str, slot: int) -> str:
+    """The name of the login-state cookie in ``slot``."""
+    return f"{prefix}{slot}"

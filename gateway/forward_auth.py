@@ -34,17 +34,17 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway import keys
-from gateway.bearer import admit, bearer_token
+from gateway import keys, paths
+from gateway.auth import authenticate, wants_login
 from gateway.config import Settings
 from gateway.errors import BadRequest, Forbidden, Unauthenticated
-from gateway.gate import ASSERTION_HEADER, Gate, identity_headers
-from gateway.login import start_url
 from gateway.pages import NO_STORE, redirect
-from gateway.policy import PathRejected, Route, normalize_path
-from gateway.session import Identity
+from gateway.paths import start_url
+from gateway.policy import PathRejected, normalize_path
+from gateway.principal import Principal
+from gateway.routes import ASSERTION_HEADER, CompiledRoute, identity_headers
 
-PREFIX = "/oauth2/auth"
+PREFIX = paths.AUTH
 ORIGINAL_URI_HEADERS = ("X-Forwarded-Uri", "X-Original-URI")
 ORIGINAL_METHOD_HEADERS = ("X-Forwarded-Method", "X-Original-Method")
 LOGIN_HEADER = "X-Gateway-Login"
@@ -74,11 +74,8 @@ class Original:
 class ForwardAuth:
     """The ``/oauth2/auth`` handler; holds what is computed once from the settings."""
 
-    def __init__(self, settings: Settings, gate: Gate) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.public_url = settings.server.public_url
-        # The gate's own decisions (trusted peers, session and policy, login or 401, the
-        # assertion), so forward-auth answers exactly as a proxied request would be treated.
-        self.gate = gate
 
     def original(self, request: web.Request, trusted: bool) -> Original:
         """The original URI and method; believed only from a trusted proxy."""
@@ -109,11 +106,14 @@ class ForwardAuth:
         return Original(normalized, query.split("#", 1)[0], method)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        # The same steps as the gate (trusted peers, authentication and policy, login or
+        # 401, the assertion), so forward-auth answers as a proxied request would be treated.
         app = request.app
-        trusted = self.gate.is_trusted(request.remote)
+        routes = app[keys.ROUTES]
+        trusted = routes.trust.is_trusted(request.remote)
         original = self.original(request, trusted)
         try:
-            route = app[keys.ROUTES].match(original.path)
+            route = routes.match(original.path)
         except PathRejected as exc:
             raise BadRequest(str(exc)) from None
         if route is None:
@@ -121,42 +121,33 @@ class ForwardAuth:
             raise Forbidden("No route serves this path.")
         if route.public:
             return web.Response(status=200, headers=NO_STORE)
-        session = await self.gate.authorized_session(request, route)
-        if session is None:
-            if route.settings.accept_bearer and not request.get(keys.CLEAR_SESSION):
-                token = bearer_token(request.headers)
-                if token is not None:
-                    principal = await admit(app[keys.BEARER], route, token)
-                    return self._allow(request, route, principal.identity, token, None, trusted)
+        principal = await authenticate(request, route)
+        if principal is None:
             return self._unauthenticated(request, route, original)
-        token = session.tokens.access_token if route.settings.pass_access_token else None
-        return self._allow(request, route, session.identity, token, session.session_id, trusted)
+        return self._allow(request, route, principal, trusted)
 
     def _allow(
-        self,
-        request: web.Request,
-        route: Route,
-        identity: Identity,
-        token: str | None,
-        session_id: str | None,
-        trusted: bool,
+        self, request: web.Request, route: CompiledRoute, principal: Principal, trusted: bool
     ) -> web.StreamResponse:
+        identity = principal.identity
         headers = dict(NO_STORE)
         headers.update(identity_headers(AUTH_REQUEST_HEADERS, identity))
-        headers.update(identity_headers(route.settings.identity_headers, identity))
+        headers.update(route.identity(identity))
+        token = principal.token_for(route.settings)
         if token is not None and trusted:
             # Only a trusted proxy gets the token: anything else asking is, or may be, the
             # browser itself, and tokens never reach the browser (SECURITY.md 11).
             headers["Authorization"] = f"Bearer {token}"
         if route.settings.assertion and trusted:
-            headers[ASSERTION_HEADER] = self.gate.assertion(request, route, identity, session_id)
+            signer = request.app[keys.ASSERTION]
+            headers[ASSERTION_HEADER] = route.assertion(signer, identity, principal.session_id)
         return web.Response(status=200, headers=headers)
 
     def _unauthenticated(
-        self, request: web.Request, route: Route, original: Original
+        self, request: web.Request, route: CompiledRoute, original: Original
     ) -> web.StreamResponse:
         """401, naming the sign-in URL when the gate would send this request to login."""
-        login = self.gate.wants_login(request, route, original.method)
+        login = wants_login(request, route, original.method)
         headers = {"WWW-Authenticate": 'Bearer realm="gateway"', "Cache-Control": "no-store"}
         if login:
             target = self.public_url + start_url(original.uri)

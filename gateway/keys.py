@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from gateway.assertion import ASSERTION as ASSERTION
@@ -14,14 +12,12 @@ from gateway.crypto import KeyRing
 from gateway.metrics import METRICS as METRICS
 from gateway.oidc import ProviderClient
 from gateway.pages import Pages
-from gateway.policy import RouteTable
+from gateway.principal import Principal
+from gateway.routes import Routes
 from gateway.session import Identity
 from gateway.sessions import SessionManager
 from gateway.store import SessionStore
 from gateway.tracing import Tracing
-
-if TYPE_CHECKING:
-    from gateway.proxy import Forwarder
 
 SETTINGS = web.AppKey("settings", Settings)
 RING = web.AppKey("ring", KeyRing)
@@ -29,8 +25,8 @@ COOKIES = web.AppKey("cookies", CookiePolicy)
 STORE = web.AppKey("store", SessionStore)
 PROVIDER = web.AppKey("provider", ProviderClient)
 SESSIONS = web.AppKey("sessions", SessionManager)
-ROUTES = web.AppKey("routes", RouteTable)
-FORWARDERS = web.AppKey("forwarders", dict[int, "Forwarder"])
+# The compiled routes (built when the app starts; again on every reload).
+ROUTES = web.AppKey("routes", Routes)
 BEARER = web.AppKey("bearer", BearerVerifier)
 PAGES = web.AppKey("pages", Pages)
 TRACING = web.AppKey("tracing", Tracing)
@@ -46,3 +42,5 @@ HEADERS_AT = web.RequestKey("headers_at", float)
 # Who the request is from (a session or a bearer token): the access log's ``sub``, and the
 # 403 page's "signed in as".
 IDENTITY = web.RequestKey("identity", Identity)
+# Who the request is from, worked out once by ``gateway.auth.authenticate``.
+PRINCIPAL = web.RequestKey("principal", Principal)

@@ -1,55 +1,43 @@
 """The login flow: ``/oauth2/start`` and ``/oauth2/callback``, plus ``/oauth2/userinfo``.
 
 Authorization code with PKCE S256, state and nonce (RFC 9700 §2.1, OIDC Core §3.1). The
-callback checks, in order: the login-state cookie bound to ``state`` (single-use), the RFC
-9207 ``iss`` parameter, a provider ``error``, then exchanges the code with the verifier and
-validates the ID token with the nonce. Only then is anything written to the store.
+callback is a thin handler over ``completion.complete_login``, which checks the response
+and starts the session.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import time
 
 from aiohttp import web
 
-from gateway import keys
-from gateway.crypto import OpenError, random_token, sha256_b64u
+from gateway import keys, paths
+from gateway.auth import authenticate
+from gateway.completion import complete_login
+from gateway.crypto import random_token
 from gateway.errors import (
     BadRequest,
+    GatewayError,
     LoginFlowError,
     OAuthError,
     ProviderDenied,
     ProviderRefused,
-    ProviderTransportError,
     ProviderUnavailable,
-    StoreError,
-    StoreUnavailable,
-    TokenValidationError,
     Unauthenticated,
 )
-from gateway.flow import LoginState, flow_id_for
+from gateway.flow import LoginState, flow_cookie, slot_for
 from gateway.oidc.par import ParUnavailable
 from gateway.pages import NO_STORE, denied_response, redirect
+from gateway.paths import start_url as start_url
 from gateway.redirects import safe_redirect, same_origin_path
-from gateway.sessions import identity_from, tokens_from
 
 log = logging.getLogger("gateway.login")
-_STATE_RE = re.compile(r"^[A-Za-z0-9_-]{20,128}$")
-_MAX_PARAM = 4096
 _NO_PAR = (
     "Signing in is not possible right now: the identity provider does not accept the "
     "pushed authorization requests this site requires."
 )
-_OAUTH_ERROR_RE = re.compile(r"^[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}$")  # RFC 6749 §4.1.2.1
-
-
-def start_url(return_to: str) -> str:
-    from urllib.parse import quote
-
-    return "/oauth2/start?rd=" + quote(return_to, safe="/")
 
 
 async def start(request: web.Request) -> web.StreamResponse:
@@ -70,10 +58,7 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     provider = request.app[keys.PROVIDER]
     cookies = request.app[keys.COOKIES]
     settings = request.app[keys.SETTINGS]
-    try:
-        meta = await provider.metadata()
-    except ProviderTransportError:
-        raise ProviderUnavailable() from None
+    meta = await provider.metadata()
     now = time.time()
     # Cap the flows in progress so a burst of parallel logins never grows the Cookie
     # header past a server's limit (SECURITY.md 10). Flow cookies live in a fixed set of
@@ -86,12 +71,12 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     used = {
         i: _stamp(v)
         for i in range(slots)
-        if (v := request.cookies.get(_flow_cookie(cookies.login_prefix, i))) is not None
+        if (v := request.cookies.get(flow_cookie(cookies.login_prefix, i))) is not None
     }
     free = [i for i in range(slots) if i not in used]
     target = secrets.choice(free) if free else min(used, key=lambda i: used[i])
     state = random_token(32)
-    while _slot_for(state, slots) != target:
+    while slot_for(state, slots) != target:
         state = random_token(32)
     flow, challenge = LoginState.new(return_to, now, state)
     try:
@@ -99,9 +84,6 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     except ParUnavailable as exc:
         log.warning("sign-in cannot start: %s", exc)
         raise ProviderUnavailable(_NO_PAR) from None
-    except ProviderTransportError as exc:
-        log.warning("pushed authorization request failed: %s", exc)
-        raise ProviderUnavailable() from None
     except OAuthError as exc:
         log.warning("pushed authorization request refused: %s", exc.error)
         raise ProviderRefused() from None
@@ -109,20 +91,11 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     value = f"{int(now)}.{flow.seal(request.app[keys.RING])}"
     cookies.set(
         resp,
-        _flow_cookie(cookies.login_prefix, target),
+        flow_cookie(cookies.login_prefix, target),
         value,
         int(settings.session.login_timeout),
     )
     return resp
-
-
-def _slot_for(state: str, slots: int) -> int:
-    """Which login-state cookie slot a flow's state belongs to."""
-    return flow_id_for(state).encode()[0] % slots
-
-
-def _flow_cookie(prefix: str, slot: int) -> str:
-    return f"{prefix}{slot}"
 
 
 def _stamp(value: str) -> int:
@@ -130,135 +103,46 @@ def _stamp(value: str) -> int:
     return int(head) if head.isdigit() and len(head) < 12 else 0
 
 
+# The way on from a page that refuses a sign-in response.
+_START_AGAIN = (paths.START, "Start signing in again")
+
+
 async def callback(request: web.Request) -> web.StreamResponse:
     """The redirect_uri. Every answer is no-store and no-referrer (SECURITY.md 8)."""
     try:
-        resp = await _callback(request)
+        done = await complete_login(request)
     except ProviderDenied as exc:
         log.info("sign-in refused by the provider: %s", exc.error, extra={"error": exc.error})
-        raise
+        resp = denied_page(request, exc)
+        resp.headers.update(NO_STORE)
+        return resp
     except LoginFlowError as exc:
         log.info("sign-in callback refused: %s", exc.message, extra={"reason": exc.message})
+        exc.link = _START_AGAIN
+        raise
+    except GatewayError as exc:
+        if exc.status == 400:
+            exc.link = _START_AGAIN
         raise
     except web.HTTPException as exc:
         exc.headers.update(NO_STORE)
         raise
-    resp.headers.update(NO_STORE)
-    return resp
-
-
-async def _callback(request: web.Request) -> web.StreamResponse:
     app = request.app
-    settings, cookies, provider = app[keys.SETTINGS], app[keys.COOKIES], app[keys.PROVIDER]
-    q = request.query
-    if any(len(v) > _MAX_PARAM for v in q.values()) or any(len(q.getall(k)) > 1 for k in q):
-        raise LoginFlowError("The sign-in response was malformed.")
-    state = q.get("state", "")
-    if not _STATE_RE.match(state):
-        raise LoginFlowError("The sign-in response has no valid state. Please start again.")
-    cookie_name = _flow_cookie(
-        cookies.login_prefix, _slot_for(state, settings.session.max_login_flows)
-    )
-    raw = request.cookies.get(cookie_name)
-    if raw is None or "." not in raw:
-        raise LoginFlowError(
-            "This sign-in link has expired or was already used. Please start again."
-        )
-    try:
-        flow = LoginState.open(raw.split(".", 1)[1], state, app[keys.RING])
-    except OpenError:
-        raise LoginFlowError("The sign-in state did not match. Please start again.") from None
-    if flow.created_at + settings.session.login_timeout < time.time():
-        raise LoginFlowError("The sign-in took too long. Please start again.")
-    try:
-        meta = await provider.metadata()
-    except ProviderTransportError:
-        raise ProviderUnavailable() from None
-
-    # RFC 9207 §2.4: the iss parameter must name our issuer when present, and be present
-    # when the provider says it sends it. An error response accepts nothing, so one without
-    # iss is still shown as the provider's error (the missing iss is logged); one naming
-    # another issuer is refused as such (a mix-up attempt).
-    iss = q.get("iss")
-    if iss is not None and iss != meta.issuer:
-        raise LoginFlowError("The sign-in response came from an unexpected issuer.")
-    error = q.get("error")
-    if error is not None:
-        err = error if _OAUTH_ERROR_RE.match(error) else "invalid_response"
-        if iss is None and meta.iss_parameter_supported:
-            log.warning(
-                "the provider's error response did not name its issuer (RFC 9207)",
-                extra={"error": err},
-            )
-        raise ProviderDenied(err, q.get("error_description"))
-    if iss is None and meta.iss_parameter_supported:
-        raise LoginFlowError("The sign-in response did not name its issuer.")
-    code = q.get("code")
-    if not code:
-        raise LoginFlowError("The sign-in response has no authorization code.")
-
-    # Single use across every replica: the first callback with this state claims it.
-    try:
-        first = await app[keys.STORE].claim_once(
-            "state:" + sha256_b64u(state), settings.session.login_timeout
-        )
-    except StoreError:
-        raise StoreUnavailable() from None
-    if not first:
-        raise LoginFlowError("This sign-in response was already used. Please start again.")
-
-    try:
-        token_resp = await provider.exchange_code(code, flow.verifier)
-    except OAuthError as exc:
-        log.info("code exchange refused: %s", exc.error)
-        raise LoginFlowError() from None
-    except ProviderTransportError as exc:
-        log.info("code exchange failed: %s", exc)  # warned (rate-limited) by the client
-        raise ProviderUnavailable() from None
-
-    id_claims: dict[str, object] = {}
-    if token_resp.id_token:
-        try:
-            id_claims = await provider.validator.validate_id_token(
-                token_resp.id_token, nonce=flow.nonce
-            )
-        except TokenValidationError as exc:
-            log.warning("ID token rejected at login: %s", exc.reason)
-            raise LoginFlowError() from None
-        except ProviderTransportError:
-            raise ProviderUnavailable() from None
-    elif "openid" in provider.scopes(meta):
-        log.warning("the provider returned no ID token for an openid request")
-        raise LoginFlowError()
-    userinfo = await provider.userinfo(token_resp.access_token)
-    identity = identity_from(dict(id_claims), userinfo)
-    if not identity.sub:
-        raise LoginFlowError("The provider did not say who you are.")
-    now = time.time()
-    tokens = tokens_from(token_resp, now)
-    sid = id_claims.get("sid")
-    sessions = app[keys.SESSIONS]
-    previous = await sessions.open(request.cookies.get(cookies.name))
-    ticket, _ = await sessions.create(identity, tokens, sid if isinstance(sid, str) else None)
-    if previous is not None:
-        await sessions.destroy(previous.ticket)
-    log.info("login", extra={"sub": identity.sub})
-
-    resp = redirect(flow.return_to or "/")
-    cookies.clear(resp, cookie_name)
-    cookies.set(
-        resp, cookies.name, ticket.to_cookie(app[keys.RING]), int(settings.session.max_lifetime)
-    )
+    cookies = app[keys.COOKIES]
+    resp = redirect(done.return_to)
+    cookies.clear(resp, done.flow_cookie)
+    max_age = int(app[keys.SETTINGS].session.max_lifetime)
+    cookies.set(resp, cookies.name, done.ticket.to_cookie(app[keys.RING]), max_age)
+    resp.headers.update(NO_STORE)
     return resp
 
 
 async def userinfo(request: web.Request) -> web.StreamResponse:
     """The signed-in user's identity claims as JSON; never a token."""
-    sessions = request.app[keys.SESSIONS]
-    loaded = await sessions.open(request.cookies.get(request.app[keys.COOKIES].name))
-    if loaded is None:
+    principal = await authenticate(request, None)
+    if principal is None:
         raise Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
-    ident = loaded.session.identity
+    ident = principal.identity
     body = {"sub": ident.sub, **ident.claims}
     return web.json_response(body, headers=NO_STORE)
 

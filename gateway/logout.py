@@ -17,26 +17,24 @@ import time
 
 from aiohttp import web
 
-from gateway import keys
+from gateway import keys, paths
+from gateway.auth import authenticate
 from gateway.crypto import OpenError, b64u_encode, constant_time_equal, random_token
 from gateway.errors import (
     BadRequest,
     Forbidden,
     MethodNotAllowed,
     ProviderTransportError,
-    ProviderUnavailable,
-    StoreError,
-    StoreUnavailable,
     TokenValidationError,
 )
 from gateway.pages import NO_STORE, Action, pages_of, redirect
+from gateway.principal import Principal
 from gateway.redirects import safe_redirect
-from gateway.session import Ticket
-from gateway.sessions import Loaded
+from gateway.session import Session, Ticket
 
 log = logging.getLogger("gateway.logout")
 _LOGOUT_PURPOSE = b"gateway-logout-state"
-SIGNED_OUT_PATH = "/oauth2/signed_out"
+SIGNED_OUT_PATH = paths.SIGNED_OUT
 CLOCK_SKEW = 60.0  # between the provider's clock (a logout token's iat) and ours
 
 
@@ -67,11 +65,10 @@ def _same_origin(request: web.Request) -> bool:
 
 
 async def sign_out(request: web.Request) -> web.StreamResponse:
-    sessions = request.app[keys.SESSIONS]
     cookies = request.app[keys.COOKIES]
-    loaded = await sessions.open(request.cookies.get(cookies.name))
+    principal = await authenticate(request, None)
     if request.method in ("GET", "HEAD"):
-        return _confirm_page(request, loaded)
+        return _confirm_page(request, principal)
     if request.method != "POST":
         raise MethodNotAllowed(headers={"Allow": "GET, HEAD, POST"})
     try:
@@ -80,7 +77,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         raise BadRequest("The sign-out form was malformed.") from None
     rd = form.get("rd")
     target = _target(request, rd if isinstance(rd, str) else None)
-    if loaded is None:
+    if principal is None or principal.ticket is None or principal.session is None:
         resp = redirect(target, 303)
         cookies.clear(resp, cookies.name)
         return resp
@@ -88,17 +85,19 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     if (
         not _same_origin(request)
         or not isinstance(token, str)
-        or not constant_time_equal(token, csrf_token(loaded.ticket))
+        or not constant_time_equal(token, csrf_token(principal.ticket))
     ):
         raise Forbidden("The sign-out request did not come from this site.")
-    return await end_session(request, loaded, target)
+    return await end_session(request, principal.ticket, principal.session, target)
 
 
-async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.StreamResponse:
+async def end_session(
+    request: web.Request, ticket: Ticket, session: Session, target: str
+) -> web.StreamResponse:
     app = request.app
     provider, sessions, cookies = app[keys.PROVIDER], app[keys.SESSIONS], app[keys.COOKIES]
-    tokens = loaded.session.tokens
-    await sessions.destroy(loaded.ticket)
+    tokens = session.tokens
+    await sessions.destroy(ticket)
     try:
         meta = await provider.metadata()
     except ProviderTransportError:
@@ -108,7 +107,7 @@ async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.
         if tokens.refresh_token:
             await provider.revoke(tokens.refresh_token, "refresh_token")
         await provider.revoke(tokens.access_token, "access_token")
-    log.info("sign-out", extra={"sub": loaded.session.identity.sub})
+    log.info("sign-out", extra={"sub": session.identity.sub})
     app[keys.METRICS].logouts.labels(kind="sign_out").inc()
     state = random_token(24)
     payload = json.dumps({"state": state, "target": target, "at": time.time()}).encode()
@@ -125,27 +124,27 @@ async def end_session(request: web.Request, loaded: Loaded, target: str) -> web.
     return resp
 
 
-def _confirm_page(request: web.Request, loaded: Loaded | None) -> web.StreamResponse:
+def _confirm_page(request: web.Request, principal: Principal | None) -> web.StreamResponse:
     settings = request.app[keys.SETTINGS]
     rd = request.query.get("rd", "")
     if safe_redirect(rd, settings.server.public_url, settings.logout.allowed_redirects) is None:
         rd = ""
     pages = pages_of(request)
-    if loaded is None:
+    if principal is None or principal.ticket is None:
         return pages.render(
             "signed_out.html",
             "You are not signed in",
             message="There is no session to sign out of.",
             actions=[Action("/", "Continue", primary=True)],
         )
-    identity = loaded.session.identity
+    identity = principal.identity
     who = identity.email or identity.sub
     sign_out = Action(
-        "/oauth2/sign_out",
+        paths.SIGN_OUT,
         "Sign out",
         primary=True,
         method="post",
-        fields=(("csrf", csrf_token(loaded.ticket)), ("rd", rd)),
+        fields=(("csrf", csrf_token(principal.ticket)), ("rd", rd)),
     )
     # Cancel goes back where the user came from (rd, checked above), else home.
     cancel = Action(rd or "/", "Cancel")
@@ -214,30 +213,26 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     except TokenValidationError as exc:
         log.info("back-channel logout token rejected: %s", exc.reason)
         raise BadRequest("invalid logout_token") from None
-    except ProviderTransportError:
-        # The provider's keys could not be loaded: 503, so the provider retries (§2.8).
-        raise ProviderUnavailable() from None
+    # (The provider's keys could not be loaded: ProviderTransportError, a 503, so the
+    # provider retries, §2.8.)
     # Safe to retry (§2.8: a provider retries after an error): the sessions are ended first,
     # and the jti is recorded as used only once they are. A store failure anywhere is a 503
     # that leaves nothing recorded, so the provider's retry does the whole step again.
     # Ending is idempotent: a logout token ends only sessions that began before it was
     # issued (iat, give or take the usual clock skew), so processing it again, even as a
     # replay, never ends a session started later.
-    try:
-        metas = await (
-            store.keys_for_sid(claims.sid) if claims.sid else store.keys_for_user(claims.sub or "")
-        )
-        metas = [
-            m for m in metas
-            if (not claims.sid or not claims.sub or m.sub == claims.sub)
-            and m.created_at <= claims.iat + CLOCK_SKEW
-        ]  # fmt: skip
-        for meta in metas:
-            await store.delete(meta.key)
-        ttl = max(300.0, claims.exp - time.time() + 120)
-        first = await store.claim_once("jti:" + claims.jti, ttl)
-    except StoreError:
-        raise StoreUnavailable() from None
+    metas = await (
+        store.keys_for_sid(claims.sid) if claims.sid else store.keys_for_user(claims.sub or "")
+    )
+    metas = [
+        m for m in metas
+        if (not claims.sid or not claims.sub or m.sub == claims.sub)
+        and m.created_at <= claims.iat + CLOCK_SKEW
+    ]  # fmt: skip
+    for meta in metas:
+        await store.delete(meta.key)
+    ttl = max(300.0, claims.exp - time.time() + 120)
+    first = await store.claim_once("jti:" + claims.jti, ttl)
     if not first:
         raise BadRequest("logout_token replayed")
     log.info("back-channel logout ended %d session(s)", len(metas))

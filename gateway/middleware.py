@@ -1,5 +1,5 @@
-"""Middlewares: the one place a ``GatewayError`` becomes an HTTP answer, the access log and
-the per-request metrics.
+"""Middlewares: the one place a ``GatewayError`` (or a lower-level failure, see
+``UNAVAILABLE``) becomes an HTTP answer, the access log and the per-request metrics.
 
 Nothing a hostile client sends may turn into a 500: unexpected exceptions are logged (without
 request data that could hold a secret) and answered with a generic 500 page. The access log
@@ -14,19 +14,21 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 
 from aiohttp import web, web_response
 from aiohttp.typedefs import Handler
 
-from gateway import keys
+from gateway import keys, paths
 from gateway.errors import (
     GatewayError,
-    ProviderDenied,
+    ProviderTransportError,
+    ProviderUnavailable,
+    StoreError,
     StoreUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.login import denied_page
 from gateway.metrics import OWN_ROUTE
 from gateway.pages import error_response
 
@@ -37,7 +39,14 @@ SERVER_NAME = "gateway"
 log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.error")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
-_CALLBACK = "/oauth2/callback"
+_CALLBACK = paths.CALLBACK
+# Lower-level failures and the answer each gets, for every endpoint alike: the one place
+# they become HTTP (no call site converts them by hand).
+UNAVAILABLE: dict[type[Exception], Callable[[], GatewayError]] = {
+    StoreError: StoreUnavailable,
+    ProviderTransportError: ProviderUnavailable,
+}
+_LOWER = tuple(UNAVAILABLE)
 
 
 def hide_server_version() -> None:
@@ -60,16 +69,11 @@ def _clear_if_asked(request: web.Request, resp: web.StreamResponse) -> None:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         resp = await handler(request)
-    except ProviderDenied as exc:
-        return denied_page(request, exc)
     except GatewayError as exc:
-        _count_error(request, exc)
-        link = None
-        if exc.status == 400 and request.path == _CALLBACK:
-            link = ("/oauth2/start", "Start signing in again")
-        resp = error_response(request, exc.status, exc.code, exc.message, exc.headers, link)
-        _clear_if_asked(request, resp)
-        return resp
+        return _answer(request, exc)
+    except _LOWER as exc:
+        answer = next(make for kind, make in UNAVAILABLE.items() if isinstance(exc, kind))
+        return _answer(request, answer())
     except web.HTTPException as exc:
         _clear_if_asked(request, exc)
         raise
@@ -81,6 +85,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         errlog.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(request, 500, "internal_error", "The gateway failed unexpectedly.")
+    _clear_if_asked(request, resp)
+    return resp
+
+
+def _answer(request: web.Request, exc: GatewayError) -> web.Response:
+    _count_error(request, exc)
+    resp = error_response(request, exc.status, exc.code, exc.message, exc.headers, exc.link)
     _clear_if_asked(request, resp)
     return resp
 

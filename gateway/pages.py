@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader
 
+from gateway import paths
 from gateway.config import PagesSettings
 
 log = logging.getLogger("gateway.pages")
@@ -153,14 +154,14 @@ def wants_html(request: web.Request) -> bool:
 
 def _here(request: web.Request) -> str:
     """Where to come back to after signing in: this path and query, or / for our own."""
-    if request.method != "GET" or request.path.startswith("/oauth2/"):
+    if request.method != "GET" or request.path.startswith(paths.OWN_PREFIX):
         return "/"
     query = request.rel_url.raw_query_string
     return request.rel_url.raw_path + ("?" + query if query else "")
 
 
 def _start(return_to: str) -> str:
-    return "/oauth2/start?rd=" + quote(return_to, safe="/")
+    return paths.start_url(return_to)
 
 
 def error_response(
@@ -189,7 +190,7 @@ def error_response(
         # An empty href reloads this very address without the page repeating it.
         actions.append(Action("", "Try again", primary=True))
     actions.append(Action("/", "Go to the home page", primary=not actions))
-    switch = "/oauth2/sign_out?rd=" + quote(_start(_here(request)), safe="/")
+    switch = paths.SIGN_OUT + "?rd=" + quote(_start(_here(request)), safe="/")
     return pages_of(request).render(
         "error.html",
         title,
@@ -200,7 +201,7 @@ def error_response(
         actions=actions,
         user=user if status == 403 else None,
         switch_url=switch,
-        sign_out_url="/oauth2/sign_out",
+        sign_out_url=paths.SIGN_OUT,
         request_id=rid,
         code=code,
     )
@@ -215,7 +216,7 @@ def denied_response(request: web.Request, error: str, message: str) -> web.Respo
         message=message,
         hint="You can try again, perhaps with another account.",
         actions=[
-            Action("/oauth2/start", "Try signing in again", primary=True),
+            Action(paths.START, "Try signing in again", primary=True),
             Action("/", "Go to the home page"),
         ],
         request_id=request_id(request),

@@ -44,7 +44,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from gateway import __version__
+from gateway import __version__, paths
 from gateway.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("gateway.server")
@@ -270,7 +270,7 @@ class Gateway:
         return self._current.app._make_request(*args)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        if self.draining and request.path == "/readyz":
+        if self.draining and request.path == paths.READYZ:
             return _readyz_draining()
         gen = self._current
         assert gen is not None

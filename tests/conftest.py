@@ -275,3 +275,11 @@ async def browser() -> AsyncIterator[aiohttp.ClientSession]:
 async def api() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         yield http
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[RunningEcho]:
+    """An echo upstream of the test's own (its address goes into the test's routes)."""
+    running = await start_echo()
+    yield running
+    await running.close()

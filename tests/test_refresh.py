@@ -8,7 +8,6 @@ provider outage is a 503 once the token has expired, never a logout.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -19,31 +18,11 @@ from gateway.devidp import RunningIdp
 from tests.conftest import RedisServer, Stack
 from tests.idp_client import http_login
 
-API = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
+# Re-exported: other test modules still import these from here.
+from tests.support.calls import API as API
+from tests.support.calls import bearer, call, login, upstream_headers
+
 SHORT = {"idp_config": {"access_token_ttl": 2}, "session": {"refresh_skew": 1}}
-
-
-async def call(http: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, dict[str, Any]]:
-    """An API call through the gateway: status and the JSON body (the echo's view, or an error)."""
-    async with http.get(url, headers=API, allow_redirects=False, **kw) as resp:
-        text = await resp.text()
-        try:
-            body = json.loads(text)
-        except ValueError:
-            body = {"text": text}
-        body["_headers"] = dict(resp.headers)
-        return resp.status, body
-
-
-def upstream_headers(body: dict[str, Any]) -> dict[str, str]:
-    """The headers the echo upstream received, lower-cased."""
-    return {k.lower(): v for k, v in body["headers"]}
-
-
-def bearer(body: dict[str, Any]) -> str:
-    auth = upstream_headers(body)["authorization"]
-    assert auth.startswith("Bearer ")
-    return auth.removeprefix("Bearer ")
 
 
 def latest_access_token(idp: RunningIdp) -> str:
@@ -52,13 +31,6 @@ def latest_access_token(idp: RunningIdp) -> str:
 
 def session_keys(redis: RedisServer, stack: Stack) -> list[bytes]:
     return redis.keys(stack.settings.session.key_prefix + "s:*")
-
-
-async def login(http: aiohttp.ClientSession, stack: Stack, user: str = "alice") -> float:
-    """Sign in; return a time no earlier than when the gateway stored the tokens."""
-    result = await http_login(http, stack.url + "/", user, user)
-    assert result.status == 200, result.body
-    return time.time()
 
 
 def new_browser() -> aiohttp.ClientSession:
