@@ -10,6 +10,7 @@ seconds it took, and the keys and cookie-free ticket of the first record (for ME
 for checking that a record opens).
 """
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -93,13 +94,12 @@ def _resp(args: tuple[Any, ...], out: list[bytes]) -> None:
         out += (b"$%d\r\n" % len(b), b, b"\r\n")
 
 
+_LOOP = asyncio.new_event_loop()
+
+
 def _run(coro: Any) -> None:
-    """Drive a coroutine that never suspends (``save`` over the recorder)."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    raise RuntimeError("RedisStore.save suspended: the recorder no longer fits it")
+    """Run ``save`` over the recorder (in a loop: the store's deadlines need a running one)."""
+    _LOOP.run_until_complete(coro)
 
 
 def main(template_file: str, port: int, prefix: str, first: int, count: int) -> None:
