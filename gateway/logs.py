@@ -16,6 +16,7 @@ of what it held back, and a line when the cause has gone away).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -76,7 +77,9 @@ def _iso_time(created: float) -> str:
     return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+@functools.lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def iso_time(created: float) -> str:
@@ -94,11 +97,7 @@ def iso_time(created: float) -> str:
     if micros >= 1_000_000:
         second += 1
         micros -= 1_000_000
-    cached = _second
-    if cached[0] != second:
-        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        cached[0] = second
-    return f"{cached[1]}.{micros // 1000:03d}Z"
+    return f"{_second_text(second)}.{micros // 1000:03d}Z"
 
 
 def format_exception(exc: BaseException | None) -> list[str]:
