@@ -91,6 +91,9 @@ def normalize(name: str) -> str:
     return name.replace("_", "-") if "_" in name else name
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 def connection_tokens(values: Iterable[str]) -> frozenset[str]:
     """Header names listed in ``Connection`` (RFC 9110 §7.6.1), normalized."""
     tokens = {normalize(t.strip()) for value in values for t in value.split(",")}
@@ -134,11 +137,13 @@ class OwnCookies:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(_cookie_key(n) for n in self.names))
-        object.__setattr__(self, "prefixes", tuple(_cookie_key(p) for p in self.prefixes))
+        # An empty prefix would match every name: it stands for no prefix at all.
+        prefixes = tuple(key for p in self.prefixes if (key := _cookie_key(p)))
+        object.__setattr__(self, "prefixes", prefixes)
 
     def matches(self, name: str) -> bool:
         key = _cookie_key(name)
-        return key in self.names or any(p and key.startswith(p) for p in self.prefixes)
+        return key in self.names or key.startswith(self.prefixes)
 
 
 def set_cookie_name(value: str) -> str:
@@ -219,7 +224,8 @@ def upstream_headers(
     but never the gateway's.
     """
     decided = _REQUEST_DECIDED_WS if websocket else _REQUEST_DECIDED
-    listed = connection_tokens(headers.getall("Connection", ()))
+    connection = headers.getall("Connection", ())
+    listed = connection_tokens(connection) if connection else _NONE
     injected = {normalize(name) for name in inject}
     out: CIMultiDict[str] = CIMultiDict()
     cookies: list[str] = []
@@ -265,7 +271,8 @@ def client_headers(headers: CIMultiDictProxy[str], own_cookies: OwnCookies) -> C
     dropped too, whatever the request carried: an upstream must not overwrite or fixate
     the gateway's session (login CSRF), in any spelling a browser would store.
     """
-    listed = connection_tokens(headers.getall("Connection", ()))
+    connection = headers.getall("Connection", ())
+    listed = connection_tokens(connection) if connection else _NONE
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         norm = normalize(name)

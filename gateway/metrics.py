@@ -86,6 +86,10 @@ class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     # Set: ``render`` sums the values of every worker found in this directory.
     multiprocess_dir: str | None = field(default_factory=multiprocess_dir)
+    # (route, status) -> the request counter's and the latency histogram's children.
+    _per_request: dict[tuple[str, int], tuple[Counter, Histogram]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -132,8 +136,7 @@ class Metrics:
         )
         # Every known label value is exported from the start (as 0): a rate() over a
         # series that appears only at its first event misses that event.
-        for result in LOGIN_RESULTS:
-            self.logins.labels(result=result)
+        self._logins = {result: self.logins.labels(result=result) for result in LOGIN_RESULTS}
         for result in REFRESH_RESULTS:
             self.refreshes.labels(result=result)
         for kind in UPSTREAM_KINDS:
@@ -142,9 +145,26 @@ class Metrics:
             self.logouts.labels(kind=kind)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        """One answered request."""
-        self.requests.labels(route=route, status=str(status)).inc()
-        self.latency.labels(route=route).observe(seconds)
+        """One answered request.
+
+        The labelled children are resolved once per (route, status) and kept: ``labels()``
+        costs more than the increment itself. The table holds no more than prometheus-client
+        keeps anyway (a child per label set): routes come from the configuration, statuses
+        are three-digit codes.
+        """
+        children = self._per_request.get((route, status))
+        if children is None:
+            children = (
+                self.requests.labels(route=route, status=str(status)),
+                self.latency.labels(route=route),
+            )
+            self._per_request[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def login(self, result: str) -> None:
+        """One completed login (``result`` is one of ``LOGIN_RESULTS``)."""
+        self._logins[result].inc()
 
     def refreshed(self, result: str) -> None:
         self.refreshes.labels(result=result).inc()

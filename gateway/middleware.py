@@ -147,18 +147,36 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
                 # The callback redirects only once the session exists; any other answer
                 # (provider error, bad state, store down) is a failed login.
                 result = "success" if 300 <= status < 400 else "failure"
-                metrics.logins.labels(result=result).inc()
-        fields: dict[str, object] = {
-            "request_id": rid,
-            "method": request.method,
-            "path": request.path,
-            "status": status,
-            "duration_ms": round((end - start) * 1000, 2),
-            "route": route,
-            "remote": request.remote,
-        }
-        identity = request.get(keys.IDENTITY)
-        if identity is not None:
-            fields["sub"] = identity.sub
-        # Every field is escaped by the formatter (gateway.logs), whatever the client sent.
-        log.info("%s %s %s", request.method, request.path, status, extra=fields)
+                metrics.login(result)
+        if log.isEnabledFor(logging.INFO):
+            method, path = request.method, request.path
+            fields: dict[str, object] = {
+                "request_id": rid,
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round((end - start) * 1000, 2),
+                "route": route,
+                "remote": request.remote,
+            }
+            identity = request.get(keys.IDENTITY)
+            if identity is not None:
+                fields["sub"] = identity.sub
+            log_access(method, path, status, fields)
+
+
+def log_access(method: str, path: str, status: int, fields: dict[str, object]) -> None:
+    """Write the ``gateway.access`` record (``METHOD PATH STATUS`` and ``fields`` as extras).
+
+    Every field is escaped by the formatter (gateway.logs), whatever the client sent. The
+    record is made here rather than by ``log.info``, which would walk the stack for the
+    caller's file and line on every request: they are always the ``access_log`` middleware's.
+    """
+    record = log.makeRecord(
+        log.name, logging.INFO, __file__, _ACCESS_LOG_LINE, "%s %s %s",
+        (method, path, status), None, "access_log", fields,
+    )  # fmt: skip
+    log.handle(record)
+
+
+_ACCESS_LOG_LINE = access_log.__code__.co_firstlineno

@@ -7,6 +7,8 @@ import hashlib
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.crypto import (
     MAX_SEALED_LEN,
@@ -185,6 +187,43 @@ def test_b64u_round_trip_and_rejects_padding() -> None:
         b64u_decode("")
     with pytest.raises(ValueError):
         b64u_decode("ab+/")
+
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ab+/",
+        "abc=",
+        "abcd\n",  # a trailing newline (what a "$"-anchored check would let through)
+        "\nabcd",
+        "ab cd",
+        "ab\x00d",
+        "\u0663\u0663\u0663\u0663",  # Arabic-Indic digits: digits to str.isdigit, not base64
+        "\uff21\uff21\uff21\uff21",  # fullwidth A
+        "\u00e9" * 4,
+        "A",  # one character more than a whole group: no bytes end there
+        "AAAAA",
+    ],
+)
+def test_b64u_decode_refuses_anything_but_unpadded_base64url(text: str) -> None:
+    with pytest.raises(ValueError):
+        b64u_decode(text)
+
+
+@given(st.text(alphabet=_ALPHABET + "=+/ \n.\u0663\uff21", max_size=24))
+def test_b64u_decode_accepts_exactly_the_url_alphabet(text: str) -> None:
+    """Accepted iff every character is of the URL alphabet and the length can end a group;
+    then it decodes as the standard library does."""
+    valid = bool(text) and all(c in _ALPHABET for c in text) and len(text) % 4 != 1
+    if valid:
+        assert b64u_decode(text) == base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    else:
+        with pytest.raises(ValueError):
+            b64u_decode(text)
 
 
 def test_constant_time_equal() -> None:

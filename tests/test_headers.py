@@ -207,3 +207,11 @@ def test_any_scalar_claim_round_trips_and_is_a_valid_header_value(text: str) -> 
     assert all(0x20 <= ord(c) < 0x7F for c in value)
     assert value == value.strip()
     assert unquote(value) == text
+
+
+def test_own_cookie_prefixes_match_any_spelling_and_an_empty_prefix_matches_nothing() -> None:
+    own = OwnCookies(("gw",), ("gw-login-", ""))
+    assert own.matches("gw") and own.matches(" __Host-GW-Login-abc ")
+    assert own.matches("__secure-gw-login-")
+    assert not own.matches("other") and not own.matches("gw-logi")
+    assert OwnCookies((), ("",)) == OwnCookies()

@@ -16,11 +16,15 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import enum
 import io
 import json
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from http import HTTPStatus
 from http.cookies import SimpleCookie
 from types import SimpleNamespace
 from typing import Any
@@ -30,6 +34,8 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
 from pythonjsonlogger.json import JsonFormatter
 from yarl import URL
 
@@ -653,3 +659,130 @@ async def test_provider_outage_warns_once_with_its_cause(caplog: pytest.LogCaptu
         f"provider failure: GET {issuer}/.well-known/openid-configuration failed: "
         "connection refused"
     ]
+
+
+# -- the short ways: the same lines, cheaper (issue 8 item 3) ---------------------------------
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Opaque:
+    def __str__(self) -> str:
+        return "opaque\nvalue"
+
+
+JSON_EXTRAS: list[dict[str, Any]] = [
+    {},
+    {"request_id": "0" * 32, "method": "GET", "path": "/", "status": 200, "duration_ms": 1.25,
+     "route": "/", "remote": "127.0.0.1", "sub": "alice"},
+    {"path": HOSTILE, HOSTILE: HOSTILE, "n": [HOSTILE, 1, None], "t": (HOSTILE, 2.5)},
+    {"d": {HOSTILE: [HOSTILE], 3: {"x": "\x00"}}, "b": b"\x00\n", "o": _Opaque()},
+    {"status": HTTPStatus.NOT_FOUND, "level_": _Level.HIGH, "flag": True, "none": None,
+     "nan": float("nan"), "inf": float("-inf"), "big": 10**30, "neg": -0.0},
+    {"time": "forged", "level": "forged", "logger": "forged", "taskName": "x", "_private": 1},
+    {"path": "/caf\u00e9/\u65e5\u672c", "sub": "\U0001f600", "empty": ""},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", JSON_EXTRAS)
+@pytest.mark.parametrize("msg", ["%s %s %s", "caf\u00e9 %s\n%s %s"])
+def test_json_short_way_writes_what_python_json_logger_writes(
+    extra: dict[str, Any], msg: str
+) -> None:
+    from gateway.logs import EscapingJsonFormatter
+
+    def record() -> logging.LogRecord:
+        made = logging.getLogger("gateway.access\n").makeRecord(
+            "gateway.access\n", logging.INFO, __file__, 1, msg, ("GET", HOSTILE, 200),
+            None, "f", extra,
+        )  # fmt: skip
+        made.created = 1800000000.2505
+        return made
+
+    formatter = EscapingJsonFormatter()
+    short = formatter.format(record())
+    assert short == JsonFormatter.format(formatter, record())
+    assert HOSTILE not in short and "\n" not in short
+
+
+def test_json_records_with_an_exception_or_a_stack_still_escape_it() -> None:
+    from gateway.logs import EscapingJsonFormatter
+
+    try:
+        raise ValueError(HOSTILE)
+    except ValueError:
+        exc = logging.getLogger("x").makeRecord(
+            "x", logging.ERROR, __file__, 1, "m", (), sys.exc_info(), "f", {"k": HOSTILE}
+        )
+    stack = logging.makeLogRecord({"msg": "m", "stack_info": "line\none\x1b"})
+    text = EscapingJsonFormatter().format(exc)
+    parsed = json.loads(text)
+    assert parsed["exc_info"][-1].startswith("ValueError: a\\nb") and HOSTILE not in text
+    assert parsed["k"].startswith("a\\nb")
+    assert json.loads(EscapingJsonFormatter().format(stack))["stack_info"] == ["line", "one\\x1b"]
+
+
+def test_text_fields_numbers_strings_and_quoting() -> None:
+    fields = {"i": 200, "f": 1.5, "b": True, "s": "x y", "e": "", "q": 'a"b', "eq": "a=b",
+              "h": HTTPStatus.OK, "bs": "a\\b", "c": "\x1b[2K", "n": None, "big": 10**20}  # fmt: skip
+    record = logging.getLogger("t").makeRecord(
+        "t", logging.INFO, __file__, 1, "m", (), None, "f", fields
+    )
+    line = TextFormatter().format(record)
+    assert line.split(" ", 3)[3] == (
+        'm i=200 f=1.5 b=True s="x y" e="" q="a\\"b" eq="a=b" h=200 bs=a\\\\b c=\\x1b[2K'
+        " n=None big=100000000000000000000"
+    )
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=0, max_value=253402300798.999, allow_nan=False),
+        st.integers(min_value=0, max_value=4_000_000_000).map(lambda s: s + 0.9999995),
+        st.integers(min_value=0, max_value=4_000_000_000).map(lambda s: s + 0.0005),
+        st.sampled_from([-1.5, -0.0005, 0.0, 253402300798.9996]),
+    )
+)
+def test_iso_time_is_the_datetime_text(created: float) -> None:
+    from gateway.logs import iso_time
+
+    want = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    assert iso_time(created) == want
+    assert iso_time(created) == want  # the second time from the kept second
+
+
+def test_iso_time_from_consecutive_seconds() -> None:
+    from gateway.logs import iso_time
+
+    for created in (1800000000.999, 1800000001.0, 1800000001.5, 1800000000.25, 1800000000.9999996):
+        want = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+        assert iso_time(created) == want
+
+
+def test_access_record_is_the_middlewares_and_respects_levels_and_filters(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gateway import middleware
+
+    fields: dict[str, object] = {"request_id": "r", "method": "GET", "path": "/x", "status": 200}
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        middleware.log_access("GET", "/x", 200, fields)
+    (record,) = caplog.records
+    assert (record.name, record.levelno, record.getMessage()) == (
+        "gateway.access",
+        20,
+        "GET /x 200",
+    )
+    assert (record.pathname, record.funcName) == (middleware.__file__, "access_log")
+    assert {k: vars(record)[k] for k in fields} == fields
+    caplog.clear()
+    access = logging.getLogger("gateway.access")
+    access.addFilter(drop := lambda r: False)
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.access"):
+            middleware.log_access("GET", "/x", 200, fields)
+    finally:
+        access.removeFilter(drop)
+    assert caplog.records == []

@@ -313,3 +313,45 @@ async def test_build_info_and_process_metrics(stack: Stack) -> None:
     assert s.value("gateway_build_info", version=__version__) == 1
     assert s.value("process_resident_memory_bytes") > 0
     assert s.value("process_cpu_seconds_total") > 0
+
+
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_observe_counts_each_request_under_its_route_and_status(
+    multiprocess: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-bound children count exactly as ``labels()`` each time did, also when the
+    values live in multiprocess files (``gateway run --workers N``)."""
+    from prometheus_client import values
+
+    from gateway.metrics import MULTIPROC_ENV, Metrics
+
+    if multiprocess:
+        monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+        monkeypatch.setattr(values, "ValueClass", values.get_value_class())  # type: ignore[no-untyped-call]
+    metrics = Metrics()
+    assert (metrics.multiprocess_dir is not None) is multiprocess
+    for route, status, seconds in [
+        ("/", 200, 0.002), ("/", 200, 0.02), ("/", 404, 0.2), ("/api", 200, 3.0),
+        ("gateway", 302, 0.0005), ("/", 200, 0.002),
+    ]:  # fmt: skip
+        metrics.observe(route, status, seconds)
+    metrics.login("success")
+    metrics.login("failure")
+    metrics.login("success")
+    s = Scrape(metrics.render().decode())
+    count = "gateway_requests_total"
+    assert s.value(count, route="/", status="200") == 3
+    assert s.value(count, route="/", status="404") == 1
+    assert s.value(count, route="/api", status="200") == 1
+    assert s.value(count, route="gateway", status="302") == 1
+    assert s.value(count) == 6
+    hist = "gateway_request_duration_seconds"
+    assert s.value(hist + "_count", route="/") == 4
+    assert s.value(hist + "_sum", route="/") == pytest.approx(0.224)
+    assert s.value(hist + "_bucket", route="/", le="0.0025") == 2
+    assert s.value(hist + "_bucket", route="/", le="0.025") == 3
+    assert s.value(hist + "_bucket", route="/", le="+Inf") == 4
+    assert s.value(hist + "_bucket", route="/api", le="2.5") == 0
+    assert s.value(hist + "_bucket", route="/api", le="5.0") == 1
+    assert s.value("gateway_logins_total", result="success") == 2
+    assert s.value("gateway_logins_total", result="failure") == 1
