@@ -42,9 +42,14 @@ _OAUTH_ERROR_RE = re.compile(r"^[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}$")  # RFC 67
 
 
 def start_url(return_to: str) -> str:
+    """The sign-in URL for a request to ``return_to``: a normalized (decoded) path and its
+    raw query. The path is percent-encoded again, so that ``rd`` names a URL (``/a%20b``)
+    that /oauth2/start accepts and the browser returns to, never a raw space or byte."""
     from urllib.parse import quote
 
-    return "/oauth2/start?rd=" + quote(return_to, safe="/")
+    path, sep, query = return_to.partition("?")
+    target = quote(path, safe="/:@!$&'()*+,;=~") + sep + query
+    return "/oauth2/start?rd=" + quote(target, safe="/")
 
 
 async def start(request: web.Request) -> web.StreamResponse:
