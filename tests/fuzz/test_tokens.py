@@ -84,7 +84,7 @@ tokens_text = st.one_of(
         ),
         st.one_of(json_values(), st.just({"sub": "alice", "aud": CLIENT_ID})),
         st.binary(max_size=64),
-    ),  # fmt: skip
+    ),
 )
 
 
