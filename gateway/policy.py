@@ -36,7 +36,7 @@ def normalize_path(raw_path: str) -> str:
         )
     try:
         decoded = unquote_to_bytes(path).decode("utf-8", "strict")
-    except UnicodeDecodeError:
+    except UnicodeError:  # also bytes that are not UTF-8 in a surrogate-escaped str
         raise PathRejected("the path is not valid UTF-8") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded) or "\\" in decoded or ";" in decoded:
         raise PathRejected("control characters, backslashes and ';' are not accepted in paths")

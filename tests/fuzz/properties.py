@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
-from urllib.parse import urljoin, urlsplit
 
 from hypothesis import assume
 from hypothesis import strategies as st
 
 from gateway.crypto import b64u_decode
 from tests.fuzz.stack import ALLOWED_ORIGIN, COOKIE, FuzzStack, Reply
+from tests.fuzz.urls import browser_target, origin_of
 
 SPOOF = "spoofed-by-client"
 
@@ -66,22 +65,6 @@ def norm(name: str) -> str:
 
 
 # -- checks ---------------------------------------------------------------------------------
-
-
-def browser_target(base: str, location: str) -> str:
-    """Where a browser goes for this Location (WHATWG URL: C0/space trimmed, tab/newline
-    removed, ``\\`` read as ``/`` in http(s) URLs)."""
-    loc = location.strip("\x00\x01\x02\x03\x04\x05\x06\x07\x08\t\n\x0b\x0c\r\x0e\x0f"
-                         "\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f ")  # fmt: skip
-    loc = re.sub(r"[\t\n\r]", "", loc).replace("\\", "/")
-    return urljoin(base + "/", loc)
-
-
-def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}" + (
-        f":{parts.port}" if parts.port else ""
-    )
 
 
 def check_location(stack: FuzzStack, reply: Reply) -> None:

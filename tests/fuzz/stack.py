@@ -10,6 +10,7 @@ with its state, real access tokens (JWT and opaque) and the provider's signing k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import re
@@ -301,6 +302,26 @@ class FuzzStack:
         ) as resp:
             text = (await resp.read()).decode("utf-8", "replace")
             return Reply(resp.status, CIMultiDict(resp.headers), text, method, str(url), oversized)
+
+    async def send_raw(self, head: bytes) -> int:
+        """Send a raw request head on a new connection; the answer's status (0: none)."""
+        port = int(self.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(head)
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 30)
+            parts = line.split(b" ", 2)
+            return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def request_raw(self, head: bytes, count: str) -> int:
+        self.tried[count] += 1
+        status: int = self.run(self.send_raw(head))
+        return status
 
     def request(self, method: str, path: str, **kw: Any) -> Reply:
         reply: Reply = self.run(self.send(method, path, **kw))

@@ -175,3 +175,17 @@ def test_an_untrusted_caller_cannot_describe_the_request(
     reply, _ = send(fuzz_stack, "", [(uri_header, uri), ("X-Forwarded-Method", "GET")], None, data)
     check_all(fuzz_stack, reply)
     assert reply.status == 401, reply.status
+
+
+@FUZZ
+@given(
+    uri=st.binary(min_size=1, max_size=30).map(lambda b: b"/" + b),
+    header=st.sampled_from([b"X-Forwarded-Uri", b"X-Original-URI"]),
+)
+def test_raw_bytes_in_the_original_uri(trusted_stack: FuzzStack, uri: bytes, header: bytes) -> None:
+    """A proxy passes the client's request target byte for byte (nginx ``$request_uri``):
+    bytes that are not UTF-8 get an answer, never a 5xx."""
+    uri = uri.replace(b"\r", b"").replace(b"\n", b"")
+    head = b"GET /oauth2/auth HTTP/1.1\r\nHost: x\r\n" + header + b": " + uri + b"\r\n\r\n"
+    status = trusted_stack.request_raw(head, count="forward-auth: raw original URI bytes")
+    assert 0 < status < 500, status

@@ -161,3 +161,18 @@ def test_spellings_of_a_protected_route_get_its_decision(fuzz_stack: FuzzStack, 
     )  # fmt: skip
     check_all(fuzz_stack, reply, identity=USERS["bob"])
     assert reply.status != 200, f"bob reached {path} (an upstream serves it as /admin)"
+
+
+@FUZZ
+@given(
+    target=st.binary(min_size=1, max_size=40).map(lambda b: b"/" + b.replace(b" ", b"%20")),
+    header=st.binary(max_size=30),
+)
+def test_raw_request_bytes(fuzz_stack: FuzzStack, target: bytes, header: bytes) -> None:
+    """Bytes no HTTP client library would send: non-UTF-8 and control bytes in the request
+    target and in a header value."""
+    target = target.replace(b"\r", b"%0d").replace(b"\n", b"%0a")
+    header = header.replace(b"\r", b"").replace(b"\n", b"")
+    head = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nX-Fuzz: " + header + b"\r\n\r\n"
+    status = fuzz_stack.request_raw(head, count="gate: raw request bytes")
+    assert 0 < status < 500, status
