@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """atheris: request-path normalisation (``gateway.policy.normalize_path``) and route matching.
 
 Properties: only ``PathRejected`` is ever raised; a normalized path starts with one ``/``,
@@ -13,7 +14,7 @@ from urllib.parse import quote
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["gateway"], enable_loader_override=False):
     from gateway.config import RouteSettings
     from gateway.policy import PathRejected, RouteTable, normalize_path
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """atheris: redirect targets (``gateway.redirects``) and the sign-in URL built for a request.
 
 Properties: ``safe_redirect`` never raises; a target it accepts is, read the way a browser
@@ -16,7 +17,7 @@ import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["gateway"], enable_loader_override=False):
     from gateway.login import start_url
     from gateway.policy import PathRejected, normalize_path
     from gateway.redirects import safe_redirect, same_origin_path
