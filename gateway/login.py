@@ -116,7 +116,8 @@ def _flow_cookie(prefix: str, slot: int) -> str:
 
 def _stamp(value: str) -> int:
     head = value.split(".", 1)[0]
-    return int(head) if head.isdigit() and len(head) < 12 else 0
+    # ASCII digits only: str.isdigit() is also true for "²" or "❼", which int() refuses.
+    return int(head) if head.isascii() and head.isdigit() and len(head) < 12 else 0
 
 
 async def callback(request: web.Request) -> web.StreamResponse:

@@ -267,6 +267,19 @@ async def test_deep_links_with_any_encoded_byte_survive_the_login(
     assert result.url == stack.url + deep_link
 
 
+@pytest.mark.parametrize("value", ["²", "❼.x", "1².x"])
+async def test_a_login_state_cookie_with_a_unicode_digit_does_not_block_sign_in(
+    stack: Stack, value: str
+) -> None:
+    # str.isdigit() is true for "²"; int() refused it: a 500 on every sign-in while such a
+    # cookie (tossed by a sibling subdomain, say) was around (found by tests/fuzz).
+    async with aiohttp.ClientSession() as http:
+        answer = await fetch(
+            http, stack.url + "/oauth2/start?rd=/x", headers={"Cookie": f"gw_test-login-0={value}"}
+        )
+    assert answer.status == 302
+
+
 @pytest.mark.parametrize("method", ["none", "client_secret_post", "client_secret_basic"])
 async def test_login_with_each_client_auth_method(
     make_stack: Any, browser: aiohttp.ClientSession, method: str

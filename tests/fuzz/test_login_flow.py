@@ -350,3 +350,28 @@ def test_signed_out_page_never_touches_the_session_cookie(
     )  # fmt: skip
     check_all(fuzz_stack, reply)
     assert COOKIE not in [n for n, _, _ in reply.set_cookies]
+
+
+@FUZZ
+@given(
+    slots=st.dictionaries(
+        st.integers(0, 9),
+        st.one_of(cookie_text(), st.sampled_from(["²", "❼.x", "٣.x", "1.", "."])),
+        max_size=4,
+    ),
+    rd=st.sampled_from(["/", "/x?y=1"]),
+)
+def test_any_login_state_cookies_on_start(
+    fuzz_stack: FuzzStack, slots: dict[int, str], rd: str
+) -> None:
+    """Whatever login-state cookies a browser holds (another site may have tossed some), a
+    sign-in starts."""
+    cookies = {f"{COOKIE}-login-{i}": v for i, v in slots.items()}
+    reply = fuzz_stack.request(
+        "GET", "/oauth2/start?rd=" + quote(rd, safe=""), headers=HTML, cookies=cookies,
+        count="login: start with login-state cookies",
+    )  # fmt: skip
+    check_all(fuzz_stack, reply)
+    if not answered_oversized(reply):
+        assert reply.status == 302, reply.text
+        check_landing(fuzz_stack, return_to_of(fuzz_stack, reply))
