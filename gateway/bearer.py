@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -305,7 +306,10 @@ class BearerVerifier:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # Python's JSON parser reads NaN and Infinity: an exp of NaN compares as never expired.
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require_access_token(header: Mapping[str, Any], claims: Mapping[str, Any]) -> None:

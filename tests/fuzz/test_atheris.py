@@ -49,8 +49,10 @@ def run_target(target: str, seconds: int, work: Path, corpus: Path | None = None
     )
     out = done.stdout + done.stderr
     if done.returncode != 0:
-        crash = "\n".join(line for line in out.splitlines() if "Instrumenting" not in line)
-        raise AssertionError(f"atheris_{target} failed ({done.returncode}):\n{crash[-4000:]}")
+        lines = [line for line in out.splitlines() if "Instrumenting" not in line]
+        # The Python traceback and the libFuzzer summary, without the progress lines.
+        crash = "\n".join(line for line in lines if not line.startswith("#"))
+        raise AssertionError(f"atheris_{target} failed ({done.returncode}):\n{crash[-6000:]}")
     if corpus is not None:
         merged = work / "merged"
         merged.mkdir(exist_ok=True)
