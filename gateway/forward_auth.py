@@ -156,7 +156,7 @@ class ForwardAuth:
         login = self.gate.wants_login(request, route, original.method)
         headers = {"WWW-Authenticate": 'Bearer realm="gateway"', "Cache-Control": "no-store"}
         if login:
-            target = self.public_url + start_url(original.uri)
+            target = self.public_url + start_url(original.path, original.query)
             if request.query.get("login") == "redirect" and "tail" not in request.match_info:
                 return redirect(target)
             headers[LOGIN_HEADER] = target

@@ -234,6 +234,5 @@ class Gate:
             return Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
         if self.wants_login(request, route, request.method):
             query = request.rel_url.raw_query_string
-            return_to = path + ("?" + query if query else "")
-            return web.HTTPFound(start_url(return_to), headers={"Cache-Control": "no-store"})
+            return web.HTTPFound(start_url(path, query), headers={"Cache-Control": "no-store"})
         return Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})

@@ -41,14 +41,13 @@ _MAX_PARAM = 4096
 _OAUTH_ERROR_RE = re.compile(r"^[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}$")  # RFC 6749 §4.1.2.1
 
 
-def start_url(return_to: str) -> str:
-    """The sign-in URL for a request to ``return_to``: a normalized (decoded) path and its
-    raw query. The path is percent-encoded again, so that ``rd`` names a URL (``/a%20b``)
-    that /oauth2/start accepts and the browser returns to, never a raw space or byte."""
+def start_url(path: str, query: str = "") -> str:
+    """The sign-in URL for a request to ``path`` (normalized, so decoded) with its raw
+    ``query``. The path is percent-encoded again, so that ``rd`` names a URL (``/a%20b``,
+    ``/a%3Fb``) that /oauth2/start accepts and that leads back to this very path."""
     from urllib.parse import quote
 
-    path, sep, query = return_to.partition("?")
-    target = quote(path, safe="/:@!$&'()*+,;=~") + sep + query
+    target = quote(path, safe="/:@!$&'()*+,;=~") + ("?" + query if query else "")
     return "/oauth2/start?rd=" + quote(target, safe="/")
 
 

@@ -252,6 +252,7 @@ async def test_deep_link_login_lands_on_deep_link(
     "deep_link",
     [
         "/my%20file.pdf",  # a space in the path (found by tests/fuzz)
+        "/notes/C%23%3F.txt",  # an encoded '#' and '?' in the path (found by tests/fuzz)
         "/search?q=a%0Ab",  # an encoded newline in the query (found by tests/fuzz)
         "/files?path=%5Cdir%5Cx",  # encoded backslashes in the query
         "/caf%C3%A9/menu?x=%1F",

@@ -45,7 +45,7 @@ def test_one_input(data: bytes) -> None:
         return
     if any(ord(c) < 0x21 or ord(c) == 0x7F or c in "\\" for c in query):
         return  # a raw query byte that never reaches the gateway from an HTTP parser
-    url = start_url(path + ("?" + query if query else ""))
+    url = start_url(path, query)
     rd = parse_qs(urlsplit(url).query, keep_blank_values=True).get("rd", [""])[0]
     if len(rd) > MAX_REDIRECT_LEN:
         return  # a deep link this long is refused at sign-in (a 400; see docs/fuzzing.md)

@@ -10,6 +10,7 @@ behind a good signature.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -58,6 +59,18 @@ def same_jwt(a: str, b: str) -> bool:
         return all(b64u_decode(x) == b64u_decode(y) for x, y in zip(pa, pb, strict=True) if x or y)
     except ValueError:
         return False
+
+
+def accepted(stack: FuzzStack, token: str, real: str) -> bool:
+    """Whether the gateway must accept this token: a compact JWS it validates itself is good
+    when it carries the real token's bytes; anything else is the provider's to say (RFC 7662),
+    and the dev provider is lenient (its JWT library reads padded base64, say)."""
+    assert stack.idp is not None
+    if len(token) > 16384 or not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", token):
+        return False  # not an RFC 6750 b64token: refused before anyone is asked
+    if re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*", token):
+        return same_jwt(token, real)
+    return stack.idp.state.active_access_token(token) is not None
 
 
 tokens_text = st.one_of(
@@ -113,10 +126,10 @@ def test_damaged_real_tokens_open_nothing(
     real = fuzz_stack.jwt_token if kind == "jwt" else fuzz_stack.opaque_token
     token = data.draw(mutated(real))
     reply = bearer(fuzz_stack, token)
-    check_all(fuzz_stack, reply, identity=USERS["alice"] if token == real else None)
+    same = accepted(fuzz_stack, token, real)
+    check_all(fuzz_stack, reply, identity=USERS["alice"] if same else None)
     if answered_oversized(reply):
         return
-    same = token == real or (kind == "jwt" and same_jwt(token, real))
     if same:
         assert reply.status == 200, reply.text
         assert upstream_identity(reply)["x-forwarded-user"] == "alice"
@@ -172,7 +185,11 @@ def test_signed_access_tokens_with_fuzzed_claims(
     fuzz_stack: FuzzStack, data: st.DataObject, header: dict[str, Any]
 ) -> None:
     base = fuzz_stack.access_claims("bob")
-    values = st.one_of(json_values(), printable_text)
+    # Text HTTP can carry as a header value as it is: no whitespace at either end (that case
+    # is test_claim_values_arrive_as_signed below).
+    values = st.one_of(json_values(), printable_text).filter(
+        lambda v: not isinstance(v, str) or v == v.strip()
+    )
     claims = data.draw(fuzzed_claims(base, values))
     try:
         token = fuzz_stack.sign(claims, header)
@@ -212,6 +229,30 @@ def test_a_control_character_in_a_claim_never_breaks_the_request(
     assert reply.status == 200
     for _, sent in reply.upstream() or []:
         assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in sent)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 7 item 7 (claims are not encoded), fixed on branch sec-proxy; found by fuzzing: "
+    "whitespace at the ends of a claim is trimmed as HTTP reads a header value",
+)
+@KNOWN_DEFECT
+@given(
+    claim=st.sampled_from(["sub", "preferred_username", "email"]),
+    pad=st.sampled_from([" ", "  ", " x ", "x "]),
+)
+def test_claim_values_arrive_as_signed(fuzz_stack: FuzzStack, claim: str, pad: str) -> None:
+    """A claim "alice " must not reach the upstream as "alice" (another user's name)."""
+    claims = fuzz_stack.access_claims("bob")
+    claims[claim] = pad.replace("x", "alice")
+    reply = bearer(fuzz_stack, fuzz_stack.sign(claims, {"typ": "at+jwt"}))
+    assert reply.status == 200, reply.text
+    name = {"sub": "x-forwarded-user", "email": "x-forwarded-email"}.get(
+        claim, "x-forwarded-preferred-username"
+    )
+    # Sent as signed, or encoded/dropped: never as a different plain value.
+    sent = upstream_identity(reply).get(name)
+    assert sent is None or sent == claims[claim] or "%" in sent, (claims[claim], sent)
 
 
 @pytest.mark.xfail(strict=False, reason="issue 7 item 8, fixed on branch sec-proxy")
@@ -287,11 +328,12 @@ def test_signed_logout_tokens_with_fuzzed_claims(
         return
     if damage:
         token = data.draw(mutated(token))
-    reply = post_logout(
-        fuzz_stack, urlencode({"logout_token": token}).encode(), "application/x-www-form-urlencoded"
-    )
+    body = urlencode({"logout_token": token}).encode()
+    reply = post_logout(fuzz_stack, body, "application/x-www-form-urlencoded")
     check_all(fuzz_stack, reply)
-    if reply.status == 200:
+    if len(body) > 1024 * 1024:  # over the app's client_max_size
+        assert reply.status == 413, reply.status
+    elif reply.status == 200:
         assert json.loads(reply.text) == {"ended": 0}
         assert not damage or "." in token
     else:
