@@ -67,9 +67,12 @@ def safe_redirect(target: str | None, own_origin: str, allowed: Iterable[str] = 
 
 
 def same_origin_path(target: str, own_origin: str) -> str:
-    """An accepted target as what to send: our own absolute URLs become paths."""
+    """An accepted target as what to send: our own absolute URLs become paths, unless the
+    path alone would read as another origin (``https://us//evil.example`` stays absolute:
+    as ``//evil.example`` a browser would leave for evil.example)."""
     if target.lower().startswith(own_origin.lower() + "/"):
-        return target[len(own_origin) :]
+        path = target[len(own_origin) :]
+        return path if safe_redirect(path, own_origin) == path else target
     if target.lower() == own_origin.lower():
         return "/"
     return target

@@ -152,3 +152,14 @@ def test_a_deep_links_query_may_carry_any_encoded_byte(target: str) -> None:
 )
 def test_the_path_is_still_looked_through_and_raw_controls_still_refused(target: str) -> None:
     assert safe_redirect(target, OWN, ALLOWED) is None
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["https://good.com//evil.com", "https://good.com//evil.com/x?y", "https://good.com/%2F%2Fevil"],
+)
+def test_an_own_url_whose_path_reads_as_another_origin_stays_absolute(target: str) -> None:
+    # As a path, "//evil.com" sends the browser to evil.com: found by tests/fuzz, where
+    # /oauth2/start?rd=<own origin>//evil.com landed there after sign-in.
+    assert safe_redirect(target, OWN) == target
+    assert same_origin_path(target, OWN) == target
