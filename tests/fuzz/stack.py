@@ -297,11 +297,18 @@ class FuzzStack:
         )
         if count is not None:
             self.tried[count] += 1
-        async with self.http.request(
-            method, url, headers=sent, data=data, allow_redirects=False
-        ) as resp:
-            text = (await resp.read()).decode("utf-8", "replace")
-            return Reply(resp.status, CIMultiDict(resp.headers), text, method, str(url), oversized)
+        try:
+            async with self.http.request(
+                method, url, headers=sent, data=data, allow_redirects=False
+            ) as resp:
+                text = (await resp.read()).decode("utf-8", "replace")
+                return Reply(
+                    resp.status, CIMultiDict(resp.headers), text, method, str(url), oversized
+                )
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's server answers a request it cannot parse before any handler runs,
+            # with a body even to HEAD, which its client then cannot read: keep the status.
+            return Reply(exc.status, CIMultiDict(), str(exc.message), method, str(url), oversized)
 
     async def send_raw(self, head: bytes) -> int:
         """Send a raw request head on a new connection; the answer's status (0: none)."""
