@@ -23,7 +23,7 @@ from gateway.bearer import admit, bearer_token
 from gateway.errors import Forbidden, Unauthenticated
 from gateway.headers import is_websocket_upgrade
 from gateway.pages import wants_html
-from gateway.paths import start_url
+from gateway.paths import start_url_for
 from gateway.policy import check_requirements
 from gateway.principal import Principal
 from gateway.routes import CompiledRoute
@@ -138,7 +138,6 @@ def unauthenticated(request: web.Request, route: CompiledRoute, path: str) -> Ex
         # A WebSocket client cannot follow a login redirect (RFC 6455 §4.1): plain 401.
         return Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
     if wants_login(request, route, request.method):
-        query = request.rel_url.raw_query_string
-        return_to = path + ("?" + query if query else "")
-        return web.HTTPFound(start_url(return_to), headers={"Cache-Control": "no-store"})
+        login = start_url_for(path, request.rel_url.raw_query_string)
+        return web.HTTPFound(login, headers={"Cache-Control": "no-store"})
     return Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})

@@ -370,7 +370,10 @@ def _remember(cache: OrderedDict[str, _V], key: str, value: _V, limit: int) -> N
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # Python's JSON parser reads NaN and Infinity: an exp of NaN compares as never expired.
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require_access_token(header: Mapping[str, Any], claims: Mapping[str, Any]) -> None:

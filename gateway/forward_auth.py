@@ -39,7 +39,7 @@ from gateway.auth import authenticate, wants_login
 from gateway.config import Settings
 from gateway.errors import BadRequest, Forbidden, Unauthenticated
 from gateway.pages import NO_STORE, redirect
-from gateway.paths import start_url
+from gateway.paths import start_url_for
 from gateway.policy import PathRejected, normalize_path
 from gateway.principal import Principal
 from gateway.routes import ASSERTION_HEADER, CompiledRoute, identity_headers
@@ -150,7 +150,7 @@ class ForwardAuth:
         login = wants_login(request, route, original.method)
         headers = {"WWW-Authenticate": 'Bearer realm="gateway"', "Cache-Control": "no-store"}
         if login:
-            target = self.public_url + start_url(original.uri)
+            target = self.public_url + start_url_for(original.path, original.query)
             if request.query.get("login") == "redirect" and "tail" not in request.match_info:
                 return redirect(target)
             headers[LOGIN_HEADER] = target

@@ -100,7 +100,8 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
 
 def _stamp(value: str) -> int:
     head = value.split(".", 1)[0]
-    return int(head) if head.isdigit() and len(head) < 12 else 0
+    # ASCII digits only: str.isdigit() is also true for "²" or "❼", which int() refuses.
+    return int(head) if head.isascii() and head.isdigit() and len(head) < 12 else 0
 
 
 # The way on from a page that refuses a sign-in response.

@@ -25,3 +25,11 @@ JWKS = "/.well-known/jwks.json"
 def start_url(return_to: str) -> str:
     """The sign-in URL that lands on ``return_to`` afterwards."""
     return START + "?rd=" + quote(return_to, safe="/")
+
+
+def start_url_for(path: str, query: str = "") -> str:
+    """The sign-in URL for a request to the normalized (so decoded) ``path`` with its raw
+    ``query``. The path is percent-encoded again, so that ``rd`` names a URL (``/a%20b``,
+    ``/a%3Fb``) that /oauth2/start accepts and that leads back to this very path."""
+    target = quote(path, safe="/:@!$&'()*+,;=~") + ("?" + query if query else "")
+    return start_url(target)

@@ -48,7 +48,7 @@ def normalize_path(raw_path: str) -> str:
         )
     try:
         decoded = unquote_to_bytes(path).decode("utf-8", "strict")
-    except UnicodeDecodeError:
+    except UnicodeError:  # also bytes that are not UTF-8 in a surrogate-escaped str
         raise PathRejected("the path is not valid UTF-8") from None
     if _REFUSED.search(decoded) or (not decoded.isascii() and any(map(_is_format, decoded))):
         raise PathRejected(

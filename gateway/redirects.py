@@ -30,7 +30,13 @@ def safe_redirect(target: str | None, own_origin: str, allowed: Iterable[str] = 
     # layer: the WHATWG URL parser drops them, turning "/\t/evil" into "//evil".
     if " " in target:
         return None
-    decoded = target
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target) or "\\" in target:
+        return None
+    # Percent-encoding is looked through up to the query only: after '?' or '#' nothing
+    # decoded can change where a browser goes, and a deep link's query may carry any
+    # encoded byte (a newline typed into a search box, a Windows path).
+    cut = min((i for i in (target.find("?"), target.find("#")) if i >= 0), default=len(target))
+    decoded = target[:cut]
     for _ in range(3):  # look through up to three layers of percent-encoding
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded) or "\\" in decoded:
             return None
@@ -61,9 +67,12 @@ def safe_redirect(target: str | None, own_origin: str, allowed: Iterable[str] = 
 
 
 def same_origin_path(target: str, own_origin: str) -> str:
-    """An accepted target as what to send: our own absolute URLs become paths."""
+    """An accepted target as what to send: our own absolute URLs become paths, unless the
+    path alone would read as another origin (``https://us//evil.example`` stays absolute:
+    as ``//evil.example`` a browser would leave for evil.example)."""
     if target.lower().startswith(own_origin.lower() + "/"):
-        return target[len(own_origin) :]
+        path = target[len(own_origin) :]
+        return path if safe_redirect(path, own_origin) == path else target
     if target.lower() == own_origin.lower():
         return "/"
     return target

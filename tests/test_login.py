@@ -250,6 +250,39 @@ async def test_deep_link_login_lands_on_deep_link(
     assert "gw_test" not in headers.get("cookie", "")
 
 
+@pytest.mark.parametrize(
+    "deep_link",
+    [
+        "/my%20file.pdf",  # a space in the path (found by tests/fuzz)
+        "/notes/C%23%3F.txt",  # an encoded '#' and '?' in the path (found by tests/fuzz)
+        "/search?q=a%0Ab",  # an encoded newline in the query (found by tests/fuzz)
+        "/files?path=%5Cdir%5Cx",  # encoded backslashes in the query
+        "/caf%C3%A9/menu?x=%1F",
+    ],
+)
+async def test_deep_links_with_any_encoded_byte_survive_the_login(
+    stack: Stack, browser: aiohttp.ClientSession, deep_link: str
+) -> None:
+    result = await http_login(
+        browser, str(URL(stack.url + deep_link, encoded=True)), "alice", "alice"
+    )
+    assert result.status == 200, result.body
+    assert result.url == stack.url + deep_link
+
+
+@pytest.mark.parametrize("value", ["²", "❼.x", "1².x"])
+async def test_a_login_state_cookie_with_a_unicode_digit_does_not_block_sign_in(
+    stack: Stack, value: str
+) -> None:
+    # str.isdigit() is true for "²"; int() refused it: a 500 on every sign-in while such a
+    # cookie (tossed by a sibling subdomain, say) was around (found by tests/fuzz).
+    async with aiohttp.ClientSession() as http:
+        answer = await fetch(
+            http, stack.url + "/oauth2/start?rd=/x", headers={"Cookie": f"gw_test-login-0={value}"}
+        )
+    assert answer.status == 302
+
+
 @pytest.mark.parametrize("method", ["none", "client_secret_post", "client_secret_basic"])
 async def test_login_with_each_client_auth_method(
     make_stack: Any, browser: aiohttp.ClientSession, method: str

@@ -378,3 +378,15 @@ def test_lists_combine_with_and() -> None:
     assert not check_requirements(r, good, []).allowed
     assert not check_requirements(r, mail("a@other.com", groups=["admins"]), ["admin"]).allowed
     assert not check_requirements(r, mail("a@example.com", groups=["x"]), ["admin"]).allowed
+    assert not check_requirements(
+        r, ident(groups=["admins"], email="a@other.com"), ["admin"]
+    ).allowed
+    assert not check_requirements(r, ident(groups=["x"], email="a@example.com"), ["admin"]).allowed
+
+
+@pytest.mark.parametrize("raw", ["/\udc80", "/caf\udcc3", "/a/\udcff/b"])
+def test_bytes_that_are_not_utf8_are_rejected_not_a_crash(raw: str) -> None:
+    # aiohttp hands over header values (X-Forwarded-Uri) and, with its pure-Python parser,
+    # request targets with non-UTF-8 bytes surrogate-escaped; found by tests/fuzz (a 500).
+    with pytest.raises(PathRejected):
+        normalize_path(raw)
