@@ -2,7 +2,7 @@
 
 Keyed by the store key. An entry holds the opened ``Session`` and the ``Ticket`` it was opened
 with (a hit needs the same ticket), and lives at most ``ttl`` seconds and never past the
-session's own expiry. The cache answers only while ``trusted``: the store's invalidation feed
+record's own end in the store (lifetime, refresh-token expiry). The cache answers only while ``trusted``: the store's invalidation feed
 (Redis pub/sub, see docs/scaling.md) sets it when its subscription is confirmed and clears it
 the moment the feed is lost; every change of state flushes it, since messages may have been
 missed. A read that raced an invalidation is not cached (``generation``).
@@ -44,10 +44,11 @@ class SessionCache:
     def put(
         self, key: str, ticket: Ticket, session: Session, generation: int, limit: float
     ) -> None:
-        """Cache ``session`` (read when ``generation`` was current) until at most ``limit``."""
+        """Cache ``session`` (read when ``generation`` was current) for at most ``ttl`` and
+        never past ``limit`` (the caller's bound: the record's own end in the store)."""
         if not self.trusted or generation != self.generation:
             return
-        until = min(self._clock() + self.ttl, session.expires_at, limit)
+        until = min(self._clock() + self.ttl, limit)
         self._entries[key] = (ticket, session, until)
         self._entries.move_to_end(key)
         if len(self._entries) > self.size:

@@ -132,16 +132,16 @@ class SessionManager:
         key = ticket.store_key
         session = cache.get(key, ticket)
         if session is not None:
-            if session.expires_at > self.clock():
-                return Loaded(ticket, session)
-            cache.invalidate(key)
-            return None
+            return Loaded(ticket, session)
         generation = cache.generation
         session = await self._read(ticket)
         if session is None:
             return None
-        # Never past half the idle timeout: a record read just now may lapse by itself later.
-        cache.put(key, ticket, session, generation, self.clock() + self.settings.idle_timeout / 2)
+        # Never past the record's own end in the store (lifetime, refresh-token expiry), nor
+        # half the idle timeout: a record read just now may lapse by itself later.
+        now = self.clock()
+        idle = self.settings.idle_timeout
+        cache.put(key, ticket, session, generation, now + min(session.ttl(now, idle), idle / 2))
         return Loaded(ticket, session)
 
     async def _read(self, ticket: Ticket) -> Session | None:

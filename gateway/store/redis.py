@@ -56,7 +56,7 @@ _REPLACE = """
 local cur = redis.call('get', KEYS[1])
 if not cur or redis.sha1hex(cur) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('publish', ARGV[4], ARGV[5])
+redis.pcall('publish', ARGV[4], ARGV[5])
 return 1
 """
 # Indexes outlive any session they point at; they are pruned on read.
@@ -243,11 +243,16 @@ class RedisStore:
                 pipe.srem(p + "u:" + _h(meta.sub), key)
                 if meta.provider_sid:
                     pipe.srem(p + "p:" + _h(meta.provider_sid), key)
-            if not self._cluster:
-                pipe.publish(self.channel, key)  # in the same MULTI as the delete
             await pipe.execute()
-            if self._cluster:
-                await self._r.publish(self.channel, key)  # broadcast to every node
+            await self._publish(key)
+
+    async def _publish(self, key: str) -> None:
+        """Tell every process's session cache (a cluster broadcasts it to every node). A
+        refusal (an ACL user without the channel) is logged, never fails the delete."""
+        try:
+            await self._r.publish(self.channel, key)
+        except Exception as exc:
+            self._failed("publish", type(exc).__name__, exc)
 
     # -- indexes ---------------------------------------------------------------------------
 
