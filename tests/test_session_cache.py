@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 
+from gateway import keys
 from gateway.config import SessionSettings
 from gateway.crypto import KeyRing, decode_secret, new_secret
+from gateway.devidp.tokens import BACKCHANNEL_EVENT
 from gateway.session import Identity, Tokens
 from gateway.sessions import SessionManager
 from gateway.store import MemoryStore, RedisStore, open_store
-from tests.conftest import RedisServer
+from tests.conftest import CLIENT_ID, RedisServer, Stack
+from tests.idp_client import FormParser, http_login
 
 BOUND = 0.1  # an ended session is refused by every replica within this many seconds
 
@@ -309,3 +314,100 @@ async def test_while_the_channel_is_down_every_request_reads_the_store(
     before = gets(own_redis)
     assert await b.open(cookie) is not None
     assert gets(own_redis) == before
+
+
+# -- two gateway replicas (real apps, one Redis, one provider) -----------------------------
+
+
+async def two_gateways(make_stack: Any, own_redis: RedisServer, **session: Any) -> list[Stack]:
+    a = await make_stack(redis_url=own_redis.url, session=session)
+    shared = {
+        "key_prefix": a.settings.session.key_prefix,
+        "cookie_secrets": [a.settings.session.cookie_secrets[0].get_secret_value()],
+        **session,
+    }
+    b = await make_stack(redis_url=own_redis.url, idp=a.idp, echo=a.echo, session=shared)
+    return [a, b]
+
+
+async def status(stack: Stack, cookie: str) -> int:
+    """An API call to ``stack`` with this session cookie alone."""
+    headers = {"Accept": "application/json", "Cookie": f"gw_test={cookie}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url + "/api/x", headers=headers, allow_redirects=False) as r:
+            return r.status
+
+
+async def signed_in(browser: aiohttp.ClientSession, a: Stack, b: Stack) -> str:
+    """Sign in on A; return the cookie, once B serves it from its cache."""
+    result = await http_login(browser, a.url + "/", "alice", "alice")
+    assert result.status == 200
+    cookie = next(c.value for c in browser.cookie_jar if c.key == "gw_test")
+    assert await status(b, cookie) == 200
+    await trusted(b.app[keys.SESSIONS])
+    assert await status(b, cookie) == 200
+    assert len(b.app[keys.SESSIONS].cache or ()) == 1
+    return cookie
+
+
+async def refused_by(stack: Stack, cookie: str) -> None:
+    deadline = time.monotonic() + BOUND
+    code = await status(stack, cookie)
+    while code == 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        code = await status(stack, cookie)
+    assert code == 401
+
+
+async def test_replica_b_serves_repeat_requests_without_reading_redis(
+    make_stack: Any, browser: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    a, b = await two_gateways(make_stack, own_redis)
+    cookie = await signed_in(browser, a, b)
+    before = gets(own_redis)
+    for _ in range(20):
+        assert await status(b, cookie) == 200
+    assert gets(own_redis) == before
+
+
+async def test_without_the_cache_every_request_reads_redis_once(
+    make_stack: Any, browser: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    a, b = await two_gateways(make_stack, own_redis, cache_size=0)
+    result = await http_login(browser, a.url + "/", "alice", "alice")
+    assert result.status == 200
+    cookie = next(c.value for c in browser.cookie_jar if c.key == "gw_test")
+    before = gets(own_redis)
+    for _ in range(20):
+        assert await status(b, cookie) == 200
+    assert gets(own_redis) == before + 20
+
+
+async def test_sign_out_on_replica_a_is_refused_by_replica_b_within_100_ms(
+    make_stack: Any, browser: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    a, b = await two_gateways(make_stack, own_redis)
+    cookie = await signed_in(browser, a, b)
+    async with browser.get(a.url + "/oauth2/sign_out") as resp:
+        parser = FormParser()
+        parser.feed(await resp.text())
+    fields = {name: value for _, name, value in parser.forms[0].fields}
+    async with browser.post(a.url + "/oauth2/sign_out", data=fields, allow_redirects=False) as r:
+        assert r.status == 303
+    await refused_by(b, cookie)
+
+
+async def test_back_channel_logout_at_replica_a_is_refused_by_replica_b_within_100_ms(
+    make_stack: Any, browser: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    a, b = await two_gateways(make_stack, own_redis)
+    cookie = await signed_in(browser, a, b)
+    now = int(time.time())
+    claims = {"iss": a.idp.issuer, "aud": CLIENT_ID, "iat": now, "exp": now + 120,
+              "jti": uuid.uuid4().hex, "sub": "alice", "events": {BACKCHANNEL_EVENT: {}}}  # fmt: skip
+    token = a.idp.state.sign(claims, headers={"typ": "logout+jwt"})
+    async with aiohttp.ClientSession() as http:
+        url = a.url + "/oauth2/backchannel_logout"
+        async with http.post(url, data={"logout_token": token}) as resp:
+            assert resp.status == 200
+    await refused_by(b, cookie)
