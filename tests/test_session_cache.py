@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,6 +25,7 @@ from gateway.devidp.tokens import BACKCHANNEL_EVENT
 from gateway.session import Identity, Tokens
 from gateway.sessions import SessionManager
 from gateway.store import MemoryStore, RedisStore, open_store
+from tests import topology
 from tests.conftest import CLIENT_ID, RedisServer, Stack
 from tests.idp_client import FormParser, http_login
 
@@ -42,10 +44,10 @@ def gets(server: RedisServer) -> int:
 class Replicas:
     """Session managers sharing one Redis, prefix and cookie secret, like gateway replicas."""
 
-    def __init__(self, server: RedisServer, **session: Any) -> None:
+    def __init__(self, url: str, **session: Any) -> None:
         self.settings = SessionSettings(
             store="redis",
-            redis_url=server.url,
+            redis_url=url,
             key_prefix=f"c{time.monotonic_ns()}:",
             cookie_secrets=[new_secret()],
             **session,
@@ -76,7 +78,7 @@ async def replicas(own_redis: RedisServer) -> AsyncIterator[Callable[..., Replic
     made: list[Replicas] = []
 
     def make(**session: Any) -> Replicas:
-        made.append(Replicas(own_redis, **session))
+        made.append(Replicas(own_redis.url, **session))
         return made[-1]
 
     yield make
@@ -411,3 +413,39 @@ async def test_back_channel_logout_at_replica_a_is_refused_by_replica_b_within_1
         async with http.post(url, data={"logout_token": token}) as resp:
             assert resp.status == 200
     await refused_by(b, cookie)
+
+
+# -- Sentinel and Cluster (marker ``topology``) ----------------------------------------------
+
+
+async def revoked_across(url: str) -> None:
+    """Replica B caches a session; replica A signs it out; B refuses it within the bound."""
+    group = Replicas(url)
+    try:
+        a, b = group.replica(), group.replica()
+        cookie = await sign_in(a, group.ring)
+        await cached(b, cookie)
+        loaded = await a.open(cookie)
+        assert loaded is not None
+        await a.destroy(loaded.ticket)
+        await refused_within_bound(b, cookie)
+    finally:
+        await group.close()
+
+
+@pytest.mark.topology
+async def test_the_cache_is_invalidated_through_sentinel(tmp_path: Path) -> None:
+    topo = await asyncio.to_thread(topology.start_sentinel_set, tmp_path / "redis")
+    try:
+        await revoked_across(topo.url)
+    finally:
+        topo.close()
+
+
+@pytest.mark.topology
+async def test_the_cache_is_invalidated_across_a_cluster(tmp_path: Path) -> None:
+    topo = await asyncio.to_thread(topology.start_cluster, tmp_path / "redis")
+    try:
+        await revoked_across(topo.url)
+    finally:
+        topo.close()
