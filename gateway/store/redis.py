@@ -396,6 +396,8 @@ class RedisStore:
                     await pubsub.ping()  # the PONG comes back as a message
         finally:
             self._trust(False)
+            if pubsub.connection is not None:  # back to the pool: no longer ours to watch
+                pubsub.connection.deregister_connect_callback(self._reconnected)
             try:
                 await pubsub.aclose()
             except Exception as exc:  # closing a dead connection must not stop the feed
