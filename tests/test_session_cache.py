@@ -22,6 +22,7 @@ from gateway import keys
 from gateway.config import SessionSettings
 from gateway.crypto import KeyRing, decode_secret, new_secret
 from gateway.devidp.tokens import BACKCHANNEL_EVENT
+from gateway.errors import StoreUnavailable
 from gateway.session import Identity, Tokens
 from gateway.sessions import SessionManager
 from gateway.store import MemoryStore, RedisStore, open_store
@@ -449,3 +450,17 @@ async def test_the_cache_is_invalidated_across_a_cluster(tmp_path: Path) -> None
         await revoked_across(topo.url)
     finally:
         topo.close()
+
+
+async def test_a_stopped_redis_is_never_answered_from_the_cache(
+    replicas: Any, own_redis: RedisServer
+) -> None:
+    group = replicas()
+    b = group.replica()
+    cookie = await sign_in(b, group.ring)
+    await cached(b, cookie)
+    own_redis.stop()
+    await asyncio.sleep(0.05)  # the closed connection is seen, not retried behind our back
+    assert b.cache is not None and not b.cache.trusted
+    with pytest.raises(StoreUnavailable):
+        await b.open(cookie)

@@ -374,8 +374,13 @@ class RedisStore:
     async def _subscribed(self) -> None:
         loop = asyncio.get_running_loop()
         pubsub = self._r.pubsub()
+        retry = None
         try:
             await pubsub.subscribe(self.channel)
+            # A lost connection must reach us at once, not wait in the library's retries
+            # (the cache would be trusted meanwhile): no retry on this connection.
+            retry = pubsub.connection.retry
+            pubsub.connection.retry = Retry(NoBackoff(), retries=0)
             pubsub.connection.register_connect_callback(self._reconnected)
             heard = loop.time()
             while not self._closing:
@@ -398,6 +403,8 @@ class RedisStore:
             self._trust(False)
             if pubsub.connection is not None:  # back to the pool: no longer ours to watch
                 pubsub.connection.deregister_connect_callback(self._reconnected)
+                if retry is not None:
+                    pubsub.connection.retry = retry
             try:
                 await pubsub.aclose()
             except Exception as exc:  # closing a dead connection must not stop the feed
