@@ -362,6 +362,9 @@ class SessionSettings(_Model):
     redis_socket_timeout: Duration = 2.0
     redis_connect_timeout: Duration = 2.0
     redis_ca_file: str | None = None
+    # Per-process cache of opened sessions (docs/scaling.md "Session cache"); 0 = off.
+    cache_size: int = Field(10_000, ge=0, le=10_000_000)
+    cache_ttl: Duration = Field(5.0, gt=0, le=300)
 
     @field_validator("cookie_name")
     @classmethod

@@ -1,6 +1,7 @@
 """Session lifecycle: cookie → ticket → stored session, creation, idle touch, refresh, removal.
 
-The hot path is one store GET. Refresh is the slow path: single-flight per session inside a
+The hot path is one store GET, or none at all on a hit of the per-process session cache
+(``gateway.session_cache``; trusted only while the store's invalidation feed is live). Refresh is the slow path: single-flight per session inside a
 process, and a store lock across processes; whoever wins re-reads the session under the lock
 and refreshes only if it still needs it, then saves the rotated refresh token before
 releasing the lock, so no other replica can ever present the old one (SECURITY.md 19).
@@ -27,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.oidc import ProviderClient, TokenResponse
 from gateway.session import Identity, Session, Ticket, Tokens
+from gateway.session_cache import SessionCache
 from gateway.store import SessionMeta, SessionStore
 
 log = logging.getLogger("gateway.session")
@@ -101,6 +103,14 @@ class SessionManager:
         # Told the outcome of every refresh call: "success", "failure" (session kept) or
         # "ended" (grant refused); app.py points it at the metrics.
         self.on_refresh: Callable[[str], None] = lambda result: None
+        # The session cache, when on and the store has an invalidation feed (Redis); the
+        # feed is started by the first open (it needs the running loop).
+        self.cache: SessionCache | None = None
+        self._watch: Callable[[SessionCache], None] | None = getattr(
+            store, "watch_invalidations", None
+        )
+        if settings.cache_size > 0 and self._watch is not None:
+            self.cache = SessionCache(settings.cache_size, settings.cache_ttl, clock)
 
     # -- load / save -----------------------------------------------------------------------
 
@@ -112,8 +122,27 @@ class SessionManager:
             ticket = Ticket.from_cookie(cookie_value, self.ring)
         except OpenError:
             return None
+        cache = self.cache
+        if cache is None:
+            session = await self._read(ticket)
+            return Loaded(ticket, session) if session else None
+        if self._watch is not None:
+            self._watch(cache)
+            self._watch = None
+        key = ticket.store_key
+        session = cache.get(key, ticket)
+        if session is not None:
+            return Loaded(ticket, session)
+        generation = cache.generation
         session = await self._read(ticket)
-        return Loaded(ticket, session) if session else None
+        if session is None:
+            return None
+        # Never past the record's own end in the store (lifetime, refresh-token expiry), nor
+        # half the idle timeout: a record read just now may lapse by itself later.
+        now = self.clock()
+        idle = self.settings.idle_timeout
+        cache.put(key, ticket, session, generation, now + min(session.ttl(now, idle), idle / 2))
+        return Loaded(ticket, session)
 
     async def _read(self, ticket: Ticket) -> Session | None:
         found = await self._read_record(ticket)
@@ -159,6 +188,9 @@ class SessionManager:
                 return False
         except StoreError:
             raise StoreUnavailable() from None
+        finally:
+            if self.cache is not None:
+                self.cache.invalidate(ticket.store_key)
         self._touched[ticket.store_key] = now
         return True
 
@@ -196,6 +228,8 @@ class SessionManager:
 
     async def destroy(self, ticket: Ticket) -> None:
         self._touched.pop(ticket.store_key, None)
+        if self.cache is not None:
+            self.cache.invalidate(ticket.store_key)
         try:
             await self.store.delete(ticket.store_key)
         except StoreError:

@@ -69,11 +69,11 @@ class Deployment:
         return await gateway_cli("sessions", *args, "--config", str(path))
 
 
-async def deploy(redis_url: str, tmp: Path) -> AsyncIterator[Deployment]:
+async def deploy(redis_url: str, tmp: Path, **session: Any) -> AsyncIterator[Deployment]:
     """Two gateway processes with short store timeouts, so an outage is answered quickly."""
     timeouts = {"redis_socket_timeout": 0.5, "redis_connect_timeout": 0.5,
                 "redis_pool_timeout": 2}  # fmt: skip
-    async for pair in gateway_pair(tmp, redis_url, **timeouts):
+    async for pair in gateway_pair(tmp, redis_url, **timeouts, **session):
         cfg = yaml.safe_load(pair.config.read_text())
         yield Deployment(
             pair.public_url, pair.replicas, pair.idp, cfg, cfg["session"]["key_prefix"], tmp
@@ -267,7 +267,10 @@ async def test_cluster_of_three_primaries_and_three_replicas(
 ) -> None:
     topo: RedisClusterSet = await asyncio.to_thread(start_cluster, tmp_path / "redis")
     try:
-        async for dep in deploy(topo.url, tmp_path):
+        # Without the session cache: its invalidation channel lives on another node, so it
+        # would keep answering cached sessions through the death of the primary under test
+        # (tests/test_session_cache.py covers the cache on a cluster).
+        async for dep in deploy(topo.url, tmp_path, cache_size=0):
             await shared_sessions_and_one_refresh(dep, browsers)
             await everything_down_and_back(dep, browsers, topo.stop_all, topo.start_all)
             await asyncio.to_thread(topo.wait_replicated)

@@ -33,6 +33,15 @@ class SessionMeta:
         return cls(**json.loads(raw))
 
 
+class InvalidationListener(Protocol):
+    """Told by a store's invalidation feed (``watch_invalidations``, Redis only) which
+    records were deleted or rewritten by any process, and whether the feed can be trusted."""
+
+    def invalidate(self, key: str) -> None: ...
+
+    def set_trusted(self, trusted: bool) -> None: ...
+
+
 class SessionStore(Protocol):
     """Every method raises ``gateway.errors.StoreError`` when the backend does not answer."""
 

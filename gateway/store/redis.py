@@ -8,6 +8,8 @@ Layout, all under the configured prefix (default ``gw:``):
   whenever an index is read, so the indexes stay consistent with expiry
 - ``l:<name>``  cross-process locks (SET NX PX, released by compare-and-delete)
 - ``o:<name>``  replay caches (SET NX PX)
+- ``inval``     a pub/sub channel: the store key of every record deleted or rewritten, for
+  the session caches of every gateway process (``watch_invalidations``)
 
 A write over an existing record (``replace``) is one Lua script on the single key ``s:<key>``
 (compare the stored bytes, then set), so it needs no hash tag even in a cluster; ``m:<key>`` is
@@ -41,7 +43,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from gateway.errors import StoreError
-from gateway.store.base import SessionMeta
+from gateway.store.base import InvalidationListener, SessionMeta
 
 log = logging.getLogger("gateway.store")
 
@@ -54,12 +56,17 @@ _REPLACE = """
 local cur = redis.call('get', KEYS[1])
 if not cur or redis.sha1hex(cur) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.pcall('publish', ARGV[4], ARGV[5])
 return 1
 """
 # Indexes outlive any session they point at; they are pruned on read.
 _INDEX_TTL_MS = 30 * 86400 * 1000
 _LOG_EVERY = 10.0  # seconds between two log lines for the same operation and cause
 _PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+# The invalidation feed: a PING this often while quiet; no answer for _LAG means lost.
+_HEARTBEAT = 0.5
+_LAG = 2.0
+_RESUBSCRIBE = 0.2  # seconds between two attempts to subscribe again
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +116,10 @@ class RedisStore:
         self._release = client.register_script(_RELEASE)
         self._replace = client.register_script(_REPLACE)
         self._logged: dict[tuple[str, str], float] = {}
+        self.channel = prefix + "inval"
+        self._listeners: list[InvalidationListener] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     def from_url(
@@ -192,7 +203,9 @@ class RedisStore:
         p = self._p
         digest = hashlib.sha1(expected, usedforsecurity=False).hexdigest()
         async with self._op("replace"):
-            done = await self._replace(keys=[p + "s:" + meta.key], args=[digest, sealed, ms])
+            # The script also publishes the key on the invalidation channel.
+            args = [digest, sealed, ms, self.channel, meta.key]
+            done = await self._replace(keys=[p + "s:" + meta.key], args=args)
             if not done:
                 return False
             # XX: a record deleted since the script ran stays deleted.
@@ -231,6 +244,15 @@ class RedisStore:
                 if meta.provider_sid:
                     pipe.srem(p + "p:" + _h(meta.provider_sid), key)
             await pipe.execute()
+            await self._publish(key)
+
+    async def _publish(self, key: str) -> None:
+        """Tell every process's session cache (a cluster broadcasts it to every node). A
+        refusal (an ACL user without the channel) is logged, never fails the delete."""
+        try:
+            await self._r.publish(self.channel, key)
+        except Exception as exc:
+            self._failed("publish", type(exc).__name__, exc)
 
     # -- indexes ---------------------------------------------------------------------------
 
@@ -315,7 +337,85 @@ class RedisStore:
             if state != "ok" or slots != 16384:
                 raise StoreError(f"cluster not serving every slot on {self._where}")
 
+    # -- invalidation feed -----------------------------------------------------------------
+
+    def watch_invalidations(self, listener: InvalidationListener) -> None:
+        """Tell ``listener`` every key deleted or rewritten by any process, and whether the
+        feed is live: trusted only from a confirmed subscription until the connection is lost,
+        lags, or reconnects (the listener then flushes what it holds)."""
+        self._listeners.append(listener)
+        listener.set_trusted(False)
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="gateway-invalidation-feed")
+
+    def _trust(self, trusted: bool) -> None:
+        for listener in self._listeners:
+            listener.set_trusted(trusted)
+
+    def _reconnected(self, connection: Any) -> None:
+        # The client library reconnects (and subscribes again) by itself: whatever was
+        # published meanwhile is lost, so nothing is trusted until the new confirmation.
+        self._trust(False)
+
+    async def _watch(self) -> None:
+        # Stopped by ``_closing`` as well as by cancellation: the client library may turn a
+        # cancellation in the middle of a connect into an error of its own.
+        while not self._closing:
+            try:
+                await self._subscribed()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of the feed: untrusted, then try again
+                if not self._closing:
+                    self._failed("invalidation feed", type(exc).__name__, exc)
+            self._trust(False)
+            await asyncio.sleep(_RESUBSCRIBE)
+
+    async def _subscribed(self) -> None:
+        loop = asyncio.get_running_loop()
+        pubsub = self._r.pubsub()
+        retry = None
+        try:
+            await pubsub.subscribe(self.channel)
+            # A lost connection must reach us at once, not wait in the library's retries
+            # (the cache would be trusted meanwhile): no retry on this connection.
+            retry = pubsub.connection.retry
+            pubsub.connection.retry = Retry(NoBackoff(), retries=0)
+            pubsub.connection.register_connect_callback(self._reconnected)
+            heard = loop.time()
+            while not self._closing:
+                message = await pubsub.get_message(timeout=_HEARTBEAT)
+                now = loop.time()
+                if message is not None:
+                    heard = now
+                    kind = message["type"]
+                    if kind == "message":
+                        key = message["data"].decode()
+                        for listener in self._listeners:
+                            listener.invalidate(key)
+                    elif kind == "subscribe":  # first confirmation, or after a reconnect
+                        self._trust(True)
+                elif now - heard > _LAG:
+                    raise TimeoutError("no answer on the invalidation channel")
+                else:
+                    await pubsub.ping()  # the PONG comes back as a message
+        finally:
+            self._trust(False)
+            if pubsub.connection is not None:  # back to the pool: no longer ours to watch
+                pubsub.connection.deregister_connect_callback(self._reconnected)
+                if retry is not None:
+                    pubsub.connection.retry = retry
+            try:
+                await pubsub.aclose()
+            except Exception as exc:  # closing a dead connection must not stop the feed
+                log.debug("closing the invalidation feed: %s", type(exc).__name__)
+
     async def close(self) -> None:
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher], timeout=self._options.connect_timeout)
+            self._watcher = None
         # A Sentinel client keeps its own connections to the sentinels: close them too.
         manager = getattr(getattr(self._r, "connection_pool", None), "sentinel_manager", None)
         clients = [self._r, *(manager.sentinels if manager is not None else [])]
