@@ -28,7 +28,7 @@ from gateway.config import ConfigError, validate
 from gateway.echo import RunningEcho, start_echo
 from gateway.session import Identity
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, Stack, gateway_config
-from tests.test_refresh import API, login, upstream_headers
+from tests.support.calls import API, login, upstream_headers
 
 HEADER = "x-gateway-assertion"
 

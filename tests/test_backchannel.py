@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any
 
 import aiohttp
@@ -19,7 +18,9 @@ from yarl import URL
 from gateway.devidp import SESSION_COOKIE
 from gateway.devidp.tokens import BACKCHANNEL_EVENT, id_token_claims
 from tests.conftest import CLIENT_ID, RedisServer, Stack
-from tests.test_refresh import call, login, new_browser, session_keys
+from tests.support.browser import new_browser, session_keys
+from tests.support.calls import call, login
+from tests.support.logout import claims, logout_token
 
 LOGOUT = "/oauth2/backchannel_logout"
 
@@ -28,29 +29,6 @@ def idp_sid(stack: Stack, http: aiohttp.ClientSession) -> str:
     """The provider's ``sid`` of the IdP session this browser holds."""
     cookie = http.cookie_jar.filter_cookies(URL(stack.idp.url))[SESSION_COOKIE].value
     return stack.idp.state.sessions[cookie].sid
-
-
-def claims(stack: Stack, **changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    out: dict[str, Any] = {
-        "iss": stack.idp.issuer,
-        "aud": CLIENT_ID,
-        "iat": now,
-        "exp": now + 120,
-        "jti": uuid.uuid4().hex,
-        "sub": "alice",
-        "events": {BACKCHANNEL_EVENT: {}},
-    }
-    for key, value in changes.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = value
-    return out
-
-
-def logout_token(stack: Stack, **changes: Any) -> str:
-    return stack.idp.state.sign(claims(stack, **changes), headers={"typ": "logout+jwt"})
 
 
 async def post(stack: Stack, **kw: Any) -> tuple[int, dict[str, str], str]:
@@ -115,7 +93,7 @@ async def test_logout_at_the_provider_ends_the_gateway_session(
     async with browser.get(stack.idp.url + "/end_session") as resp:
         assert resp.status == 200
     assert len(stack.idp.state.backchannel_sent) == 1
-    assert session_keys(redis_server, stack) == []
+    assert session_keys(redis_server, stack) == set()
     assert (await call(browser, stack.url + "/api/x"))[0] == 401
 
 
@@ -232,7 +210,7 @@ async def test_a_store_failure_mid_logout_is_503_and_the_retry_ends_the_session(
     status, _, body = await post(stack, data={"logout_token": token})
     assert status == 200, (step, body)
     assert (await call(browser, stack.url + "/x"))[0] == 401
-    assert session_keys(own_redis, stack) == []
+    assert session_keys(own_redis, stack) == set()
     # Now that it succeeded, the jti is used up.
     assert (await post(stack, data={"logout_token": token}))[0] == 400
 

@@ -3,10 +3,7 @@ check-config (with and without --probe), and ``sessions list|revoke`` against re
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +22,9 @@ from tests.conftest import (
     free_port,
 )
 from tests.idp_client import http_login
+from tests.support.processes import gateway
 
-ROOT = Path(__file__).resolve().parent.parent
 REDIS_PASSWORD = "redis-pass-91c4e7"
-
-
-async def gateway(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run the gateway command; return (exit code, stdout, stderr)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    full_env["PYTHONPATH"] = str(ROOT)
-    full_env.update(env or {})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", *args,
-        cwd=cwd, env=full_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def config(

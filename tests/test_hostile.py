@@ -16,7 +16,7 @@ from yarl import URL
 
 from tests.conftest import Stack
 from tests.idp_client import FormParser, http_login
-from tests.test_gate import raw_get, raw_request
+from tests.support.raw import raw_get, raw_request
 
 NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 API = {"Accept": "application/json"}

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import CLIENT_ID, RedisServer, Stack
-from tests.test_login import Answer, cookie_value, login, new_browser, session_keys, whoami
+from tests.support.browser import Answer, cookie_value, login, new_browser, session_keys, whoami
 
 
 async def assert_refused(

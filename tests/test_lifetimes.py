@@ -12,7 +12,9 @@ import aiohttp
 import redis
 
 from tests.conftest import RedisServer, Stack
-from tests.test_refresh import call, login, session_keys, sleep_until
+from tests.support.browser import session_keys
+from tests.support.calls import call, login
+from tests.support.clock import sleep_until
 
 
 def pttl_ms(server: RedisServer, stack: Stack) -> int:
@@ -39,7 +41,7 @@ async def test_idle_timeout_slides_with_activity_and_ends_without_it(
     # No request for longer than the idle timeout: the session is gone.
     await asyncio.sleep(2.5)
     assert (await call(browser, stack.url + "/api/x"))[0] == 401
-    assert session_keys(redis_server, stack) == []
+    assert session_keys(redis_server, stack) == set()
 
 
 async def test_max_lifetime_ends_the_session_whatever_the_activity(
@@ -57,7 +59,7 @@ async def test_max_lifetime_ends_the_session_whatever_the_activity(
     async with browser.get(stack.url + "/x", allow_redirects=False) as resp:
         assert resp.status == 302
         assert resp.headers["Location"].startswith("/oauth2/start")
-    assert session_keys(redis_server, stack) == []
+    assert session_keys(redis_server, stack) == set()
 
 
 async def test_a_session_never_outlives_its_refresh_token(
@@ -74,7 +76,7 @@ async def test_a_session_never_outlives_its_refresh_token(
         await asyncio.sleep(0.3)
     await sleep_until(started + 3.2)
     assert (await call(browser, stack.url + "/api/x"))[0] == 401
-    assert session_keys(redis_server, stack) == []
+    assert session_keys(redis_server, stack) == set()
 
 
 def command_calls(server: RedisServer) -> dict[str, int]:

@@ -21,7 +21,7 @@ from yarl import URL
 from gateway.crypto import sha256_b64u
 from tests.conftest import CLIENT_ID, RedisServer, Stack
 from tests.idp_client import http_login
-from tests.test_login import (
+from tests.support.browser import (
     COOKIE,
     Answer,
     authorize,

@@ -12,21 +12,9 @@ import pytest
 from yarl import URL
 
 from tests.conftest import CLIENT_ID, RedisServer, Stack
-from tests.idp_client import FormParser
-from tests.test_refresh import bearer, call, login, session_keys, upstream_headers
-
-
-async def confirmation_form(
-    http: aiohttp.ClientSession, stack: Stack, query: str = ""
-) -> dict[str, str]:
-    async with http.get(stack.url + "/oauth2/sign_out" + query) as resp:
-        assert resp.status == 200
-        assert resp.headers["Cache-Control"] == "no-store"
-        parser = FormParser()
-        parser.feed(await resp.text())
-    (form,) = parser.forms
-    assert form.method == "post" and form.action == "/oauth2/sign_out"
-    return {name: value for _, name, value in form.fields}
+from tests.support.browser import session_keys
+from tests.support.calls import bearer, call, login, upstream_headers
+from tests.support.logout import confirmation_form
 
 
 async def test_full_sign_out_revokes_ends_the_provider_session_and_lands_signed_out(
@@ -56,7 +44,7 @@ async def test_full_sign_out_revokes_ends_the_provider_session_and_lands_signed_
         end_session = URL(resp.headers["Location"])
     # RFC 7009: both tokens were revoked at the provider before the redirect.
     assert refresh in state.revoked and access in state.revoked
-    assert session_keys(redis_server, stack) == []
+    assert session_keys(redis_server, stack) == set()
     # The sign-out state cookie is the gateway's own: never forwarded upstream.
     assert "gw_test-logout" in browser.cookie_jar.filter_cookies(URL(stack.url))
     status, seen = await call(browser, stack.url + "/public/x")

@@ -49,10 +49,9 @@ from gateway.oidc import ProviderClient
 from gateway.session import Ticket
 from tests.conftest import CLIENT_SECRET, RedisServer, Stack, free_port
 from tests.idp_client import http_login
-from tests.test_backchannel import logout_token
-from tests.test_login import callback_url, fetch, open_flow, query_of
-from tests.test_logout import confirmation_form
-from tests.test_refresh import sleep_until
+from tests.support.browser import callback_url, fetch, open_flow, query_of
+from tests.support.clock import sleep_until
+from tests.support.logout import confirmation_form, logout_token
 
 API = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
 # Query parameters that carry nothing secret (URLs, names, the client id) and do appear in

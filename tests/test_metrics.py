@@ -17,34 +17,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, validate
 from gateway.echo import RunningEcho, start_echo
 from tests.conftest import CLIENT_SECRET, RedisServer, Stack, free_port, gateway_config
-from tests.test_backchannel import logout_token
-from tests.test_login import cookie_value
-from tests.test_logout import confirmation_form
-from tests.test_refresh import SHORT, bearer, call, login, new_browser, sleep_until
-
-
-class Scrape:
-    """One parsed scrape: ``value(name, **labels)`` sums the samples whose labels match."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples = [
-            (s.name, s.labels, s.value)
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        ]
-
-    def value(self, name: str, **labels: str) -> float:
-        return sum(
-            v
-            for n, lab, v in self.samples
-            if n == name and all(lab.get(k) == want for k, want in labels.items())
-        )
+from tests.support.browser import cookie_value, new_browser
+from tests.support.calls import bearer, call, login
+from tests.support.clock import SHORT, sleep_until
+from tests.support.logout import confirmation_form, logout_token
+from tests.support.metrics import Scrape
 
 
 async def scrape(url: str) -> Scrape:

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config import ConfigError, validate
 from tests.conftest import gateway_config
-from tests.test_login import fetch
+from tests.support.browser import fetch
 
 NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 

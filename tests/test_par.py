@@ -31,7 +31,7 @@ from tests.conftest import (
 )
 from tests.gateway_proc import start_gateway_process
 from tests.idp_client import FormParser, http_login
-from tests.test_cli import gateway
+from tests.support.processes import gateway
 
 NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 API = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}

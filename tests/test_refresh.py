@@ -14,35 +14,11 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from gateway.devidp import RunningIdp
-from tests.conftest import RedisServer, Stack
+from tests.conftest import RedisServer
 from tests.idp_client import http_login
-
-# Re-exported: other test modules still import these from here.
-from tests.support.calls import API as API
+from tests.support.browser import new_browser, session_keys
 from tests.support.calls import bearer, call, login, upstream_headers
-
-SHORT = {"idp_config": {"access_token_ttl": 2}, "session": {"refresh_skew": 1}}
-
-
-def latest_access_token(idp: RunningIdp) -> str:
-    return list(idp.state.access_tokens)[-1]
-
-
-def session_keys(redis: RedisServer, stack: Stack) -> list[bytes]:
-    return redis.keys(stack.settings.session.key_prefix + "s:*")
-
-
-def new_browser() -> aiohttp.ClientSession:
-    """A second browser (own cookie jar), like the ``browser`` fixture."""
-    return aiohttp.ClientSession(
-        cookie_jar=aiohttp.CookieJar(unsafe=True),
-        headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
-    )
-
-
-async def sleep_until(moment: float) -> None:
-    await asyncio.sleep(max(0.0, moment - time.time()))
+from tests.support.clock import SHORT, latest_access_token, sleep_until
 
 
 async def test_refresh_replaces_the_token_and_stores_the_rotated_refresh_token(
@@ -108,7 +84,7 @@ async def test_invalid_grant_sends_a_navigation_back_through_login_to_the_same_u
         assert location.path == "/oauth2/start"
         assert location.query["rd"] == "/deep/page?x=1&y=2"
         assert resp.cookies["gw_test"].value == ""  # the dead session's cookie is cleared
-    assert session_keys(redis_server, stack) == []
+    assert session_keys(redis_server, stack) == set()
     assert stack.idp.state.token_calls["refresh_token"] == 1
 
     # The transparent re-login lands on the very URL the user asked for.
@@ -131,7 +107,7 @@ async def test_a_grant_revoked_at_the_provider_ends_the_session_of_an_api_client
     assert status == 401
     assert body["error"] == "unauthenticated"
     assert "Bearer" in body["_headers"]["WWW-Authenticate"]
-    assert session_keys(redis_server, stack) == []
+    assert session_keys(redis_server, stack) == set()
     status, _ = await call(browser, stack.url + "/api/items")
     assert status == 401
     assert stack.idp.state.token_calls["refresh_token"] == 1

@@ -23,8 +23,10 @@ from yarl import URL
 
 from gateway.admin import revoke_sessions
 from tests.conftest import RedisServer, Stack
-from tests.test_logout import confirmation_form
-from tests.test_refresh import API, SHORT, login, session_keys, sleep_until
+from tests.support.browser import session_keys
+from tests.support.calls import API, login
+from tests.support.clock import SHORT, sleep_until
+from tests.support.logout import confirmation_form
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ async def assert_ended_for_good(
     assert await held.release() == 401
     for stack in stacks:
         assert await with_cookie(plain, stack.url + "/api/after", held.cookie) == 401
-    assert session_keys(redis_server, held.stack) == []
+    assert session_keys(redis_server, held.stack) == set()
     assert redis_server.keys(held.stack.settings.session.key_prefix + "m:*") == []
 
 

@@ -9,11 +9,8 @@ whole grant, so "exactly one refresh call" and "every request answered" prove th
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,61 +18,11 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway.crypto import new_secret
-from gateway.devidp import ClientRegistration, DevIdpConfig, RunningIdp, demo_users, start_devidp
-from gateway.echo import start_echo
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, free_port, gateway_config
-from tests.gateway_proc import GatewayProcess, gateway_command, start_gateway_process
+from tests.conftest import RedisServer, free_port, gateway_config
 from tests.idp_client import http_login
-from tests.test_refresh import bearer, call, latest_access_token, sleep_until
-
-
-@dataclass
-class Cluster:
-    public_url: str
-    replicas: list[GatewayProcess]
-    idp: RunningIdp
-    config: Path  # the first replica's config, for ``gateway sessions``
-
-
-async def gateway_pair(tmp_path: Path, redis_url: str, **session: Any) -> AsyncIterator[Cluster]:
-    """Two ``gateway run`` processes on one store (``session`` adds session settings)."""
-    ports = [free_port(), free_port()]
-    public = f"http://127.0.0.1:{ports[0]}"
-    idp = await start_devidp(
-        DevIdpConfig(
-            users=demo_users(),
-            clients=[
-                ClientRegistration(
-                    client_id=CLIENT_ID,
-                    client_secret=CLIENT_SECRET,
-                    redirect_uris=(public + "/oauth2/callback",),
-                    post_logout_redirect_uris=(public + "/oauth2/signed_out",),
-                    backchannel_logout_uri=public + "/oauth2/backchannel_logout",
-                )
-            ],
-            access_token_ttl=2,
-            rotate_refresh_tokens=True,
-        )
-    )
-    echo = await start_echo()
-    prefix = f"race{uuid.uuid4().hex[:8]}:"
-    secrets = [new_secret()]
-    replicas: list[GatewayProcess] = []
-    try:
-        for i, port in enumerate(ports):
-            cfg = gateway_config(public, str(idp.url), str(echo.url), redis_url)
-            cfg["server"] = {"host": "127.0.0.1", "port": port, "public_url": public}
-            cfg["session"].update(
-                key_prefix=prefix, cookie_secrets=secrets, refresh_skew=1, **session
-            )
-            replicas.append(await start_gateway_process(cfg, tmp_path, name=f"gateway-{i}"))
-        yield Cluster(public, replicas, idp, replicas[0].config_path)
-    finally:
-        for replica in replicas:
-            await replica.close()
-        await echo.close()
-        await idp.close()
+from tests.support.calls import bearer, call
+from tests.support.clock import latest_access_token, sleep_until
+from tests.support.processes import Cluster, gateway_cli, gateway_pair
 
 
 @pytest.fixture
@@ -154,17 +101,6 @@ async def test_a_client_leaving_mid_refresh_does_not_lose_the_rotated_token(
     assert {bearer(body) for _, body in answers} == {latest_access_token(cluster.idp)}
     assert state.token_calls["refresh_token"] == 1
     assert not any(grant.revoked for grant in state.grants.values())
-
-
-async def gateway_cli(*args: str) -> tuple[int, str]:
-    """Run the ``gateway`` command; no GATEWAY_* variable of ours may override its config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    proc = await asyncio.create_subprocess_exec(
-        *gateway_command(), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode()
 
 
 async def test_sessions_revoke_user_ends_them_on_every_process(

@@ -22,6 +22,7 @@ from gateway.echo import start_echo
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, free_port, gateway_config
 from tests.gateway_proc import GatewayProcess, gateway_command, start_gateway_process
 from tests.idp_client import http_login
+from tests.support.metrics import Scrape
 
 BOUND = 30.0  # seconds: every wait here ends by itself
 BODY = b"x" * 200_000  # big enough to need several writes
@@ -266,7 +267,6 @@ async def test_killed_worker_is_restarted_and_no_worker_outlives_the_parent(
 async def test_metrics_with_two_workers_give_the_same_totals_scrape_after_scrape(
     two_workers: GatewayProcess,
 ) -> None:
-    from tests.test_metrics import Scrape
 
     gw = two_workers
     n = 40

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from tests.test_refresh import API, login
+from tests.support.calls import API, login
 
 
 async def test_a_thousand_concurrent_requests_queue_for_the_pool_and_get_no_503(

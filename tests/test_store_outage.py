@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from tests.conftest import RedisServer, Stack, free_port, gateway_config
-from tests.test_refresh import bearer, call, login, session_keys
-from tests.test_refresh_race import gateway_cli
+from tests.support.browser import session_keys
+from tests.support.calls import bearer, call, login
+from tests.support.processes import gateway_cli
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from aiohttp import WSMsgType
 
 from gateway.echo import WS_CLOSE_CODES, RunningEcho, start_echo
 from tests.conftest import Stack
-from tests.test_login import cookie_value, stored_session
-from tests.test_refresh import call, login
+from tests.support.browser import cookie_value, stored_session
+from tests.support.calls import call, login
 
 MB = 1024 * 1024
 SPOOFED = {

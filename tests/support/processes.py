@@ -1,0 +1,100 @@
+"""Gateways as real processes: a pair on one store, and the ``gateway`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.crypto import new_secret
+from gateway.devidp import ClientRegistration, DevIdpConfig, RunningIdp, demo_users, start_devidp
+from gateway.echo import start_echo
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, free_port, gateway_config
+from tests.gateway_proc import GatewayProcess, gateway_command, start_gateway_process
+
+
+@dataclass
+class Cluster:
+    public_url: str
+    replicas: list[GatewayProcess]
+    idp: RunningIdp
+    config: Path  # the first replica's config, for ``gateway sessions``
+
+
+async def gateway_pair(tmp_path: Path, redis_url: str, **session: Any) -> AsyncIterator[Cluster]:
+    """Two ``gateway run`` processes on one store (``session`` adds session settings)."""
+    ports = [free_port(), free_port()]
+    public = f"http://127.0.0.1:{ports[0]}"
+    idp = await start_devidp(
+        DevIdpConfig(
+            users=demo_users(),
+            clients=[
+                ClientRegistration(
+                    client_id=CLIENT_ID,
+                    client_secret=CLIENT_SECRET,
+                    redirect_uris=(public + "/oauth2/callback",),
+                    post_logout_redirect_uris=(public + "/oauth2/signed_out",),
+                    backchannel_logout_uri=public + "/oauth2/backchannel_logout",
+                )
+            ],
+            access_token_ttl=2,
+            rotate_refresh_tokens=True,
+        )
+    )
+    echo = await start_echo()
+    prefix = f"race{uuid.uuid4().hex[:8]}:"
+    secrets = [new_secret()]
+    replicas: list[GatewayProcess] = []
+    try:
+        for i, port in enumerate(ports):
+            cfg = gateway_config(public, str(idp.url), str(echo.url), redis_url)
+            cfg["server"] = {"host": "127.0.0.1", "port": port, "public_url": public}
+            cfg["session"].update(
+                key_prefix=prefix, cookie_secrets=secrets, refresh_skew=1, **session
+            )
+            replicas.append(await start_gateway_process(cfg, tmp_path, name=f"gateway-{i}"))
+        yield Cluster(public, replicas, idp, replicas[0].config_path)
+    finally:
+        for replica in replicas:
+            await replica.close()
+        await echo.close()
+        await idp.close()
+
+
+async def gateway_cli(*args: str) -> tuple[int, str]:
+    """Run the ``gateway`` command; no GATEWAY_* variable of ours may override its config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = await asyncio.create_subprocess_exec(
+        *gateway_command(), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
+
+
+async def gateway(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the gateway command; return (exit code, stdout, stderr)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    full_env["PYTHONPATH"] = str(ROOT)
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", *args,
+        cwd=cwd, env=full_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
