@@ -8,6 +8,7 @@ through a real gateway and Redis are in tests/test_lifetimes.py and tests/test_r
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -56,13 +57,13 @@ class Rig:
     def refresh_calls(self) -> int:
         return int(self.idp.state.token_calls["refresh_token"])
 
-    async def sign_in(self) -> str:
+    async def sign_in(self, user: str = "alice") -> str:
         """A new session from a real token response of the provider; its cookie value."""
         state = self.idp.state
         grant = Grant(
             id="grant-" + str(len(state.grants)),
             client_id=CLIENT_ID,
-            sub="alice",
+            sub=user,
             scope=SCOPES,
             sid="sid-1",
             auth_time=int(time.time()),
@@ -72,7 +73,7 @@ class Rig:
         resp = await self.manager.provider.refresh(state.issue_refresh_token(grant))
         state.token_calls.clear()
         tokens = tokens_from(resp, self.clock())
-        ticket, _ = await self.manager.create(Identity(sub="alice"), tokens, "sid-1")
+        ticket, _ = await self.manager.create(Identity(sub=user), tokens, "sid-1")
         self.store.touches.clear()
         return ticket.to_cookie(self.manager.ring)
 
@@ -163,6 +164,48 @@ async def test_refresh_happens_once_less_than_the_skew_is_left_and_not_before() 
         again = await r.request(cookie)
         assert again is not None and again.tokens == second.tokens
         assert r.refresh_calls == 1
+
+
+async def test_the_rotated_refresh_token_is_stored_and_used_for_the_next_refresh() -> None:
+    # The provider revokes the whole family when a rotated-out token is presented: a second
+    # refresh that succeeds proves the first one stored the rotated token.
+    async with rig({"access_token_ttl": 300}, refresh_skew=60) as r:
+        cookie = await r.sign_in()
+        for _ in range(2):
+            r.clock.advance(240)
+            assert (await r.request(cookie)) is not None
+        assert r.refresh_calls == 2
+        assert r.outcomes == ["success", "success"]
+        state = r.idp.state
+        assert [t.rotated for t in state.refresh_tokens.values()] == [True, True, True, False]
+        assert not any(g.revoked for g in state.grants.values())
+
+
+async def test_concurrent_requests_in_one_process_refresh_once() -> None:
+    async with rig({"access_token_ttl": 300}, refresh_skew=60) as r:
+        cookie = await r.sign_in()
+        r.idp.state.faults.token_delay = 0.2  # the provider is slow: the requests overlap
+        r.clock.advance(240)
+        answers = await asyncio.gather(*(r.request(cookie) for _ in range(30)))
+        assert r.refresh_calls == 1
+        assert r.outcomes == ["success"]
+        tokens = {a.tokens.access_token for a in answers if a is not None}
+        assert tokens == {list(r.idp.state.access_tokens)[-1]}
+        assert len([a for a in answers if a is not None]) == 30
+
+
+async def test_changed_groups_reach_the_identity_at_the_next_refresh() -> None:
+    async with rig({"access_token_ttl": 300}, refresh_skew=60) as r:
+        cookie = await r.sign_in("bob")
+        r.idp.state.set_user_groups("bob", ["staff", "admins"])
+        r.clock.advance(239.5)
+        before = await r.request(cookie)
+        assert before is not None and "admins" not in before.identity.groups
+        r.clock.advance(0.5)
+        after = await r.request(cookie)
+        assert after is not None
+        assert after.identity.sub == "bob"
+        assert after.identity.groups == ("staff", "admins")
 
 
 async def test_a_provider_outage_serves_while_the_token_is_valid_then_fails_with_503() -> None:
