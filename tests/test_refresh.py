@@ -2,12 +2,13 @@
 
 Real dev provider with 2-second access tokens and a 1-second ``refresh_skew``, real Redis.
 SECURITY.md 19: a rotated refresh token is stored; ``invalid_grant`` ends the session; a
-provider outage is a 503 once the token has expired, never a logout.
+provider outage is a 503 once the token has expired, never a logout. The manager's refresh
+decisions themselves (timing, single flight, backoff) are unit-tested on a fake clock in
+tests/test_sessions_clock.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -54,19 +55,6 @@ async def test_refresh_replaces_the_token_and_stores_the_rotated_refresh_token(
     records = list(state.refresh_tokens.values())
     assert [r.rotated for r in records] == [True, True, False]
     assert not any(g.revoked for g in state.grants.values())
-
-
-async def test_concurrent_requests_in_one_process_refresh_once(
-    make_stack: Any, browser: aiohttp.ClientSession
-) -> None:
-    stack = await make_stack(**SHORT)
-    done = await login(browser, stack)
-    stack.idp.state.faults.token_delay = 0.3
-    await sleep_until(done + 1.2)
-    answers = await asyncio.gather(*(call(browser, stack.url + f"/p{i}") for i in range(30)))
-    assert [s for s, _ in answers] == [200] * 30
-    assert {bearer(b) for _, b in answers} == {latest_access_token(stack.idp)}
-    assert stack.idp.state.token_calls["refresh_token"] == 1
 
 
 async def test_invalid_grant_sends_a_navigation_back_through_login_to_the_same_url(
