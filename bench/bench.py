@@ -641,6 +641,38 @@ async def touch_bookkeeping(settings: Settings, count: int) -> float:
     return (after - before) / count
 
 
+def cached_session_bytes(stack: Stack, cookie: str, count: int) -> float:
+    """Bytes the session cache holds per opened session (the logged-in session's record,
+    opened once per entry, with its ticket and expiry), by tracemalloc over ``count``."""
+    import tracemalloc
+
+    import redis
+
+    from gateway.session_cache import SessionCache
+
+    settings = settings_of(stack)
+    ring = KeyRing([decode_secret(s.get_secret_value()) for s in settings.session.cookie_secrets])
+    ticket = Ticket.from_cookie(cookie, ring)
+    client = redis.Redis(host="127.0.0.1", port=stack.redis_port)
+    try:
+        raw = client.get(PREFIX + "s:" + ticket.store_key)
+    finally:
+        client.close()
+    assert raw is not None
+    cache = SessionCache(count, 3600.0, time.time)
+    cache.set_trusted(True)
+    until = time.time() + 3600
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(count):
+        t = Ticket.new()
+        cache.put(t.store_key, t, ticket.open_record(raw), cache.generation, until)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(cache) == count
+    return (after - before) / count
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -705,10 +737,11 @@ async def run(opts: Options, procs: Procs, workdir: Path, res: Results) -> None:
     gw_conn = await idle_connections(stack.gateway_url, "/healthz", stack.gateway_pids(), opts.idle)
     bare_conn = await idle_connections(stack.bare_url, "/", stack.bare_pids(), opts.idle)
     touch = await touch_bookkeeping(settings, opts.idle)
+    cached = cached_session_bytes(stack, cookie, opts.idle)
     res.memory += [
         ("gateway RSS per idle keep-alive connection", f"{gw_conn / 1024:.1f} KiB", f"{opts.idle} connections, RSS of all gateway processes before/after"),
         ("bare proxy RSS per idle keep-alive connection", f"{bare_conn / 1024:.1f} KiB", "the same, for the baseline"),
-        ("gateway memory per cached session", "n/a: no cache yet", "the gateway keeps no opened sessions"),
+        ("gateway memory per cached session", f"{cached / 1024:.1f} KiB", f"`SessionCache` entry (opened session, ticket, expiry), tracemalloc over {opts.idle} sessions"),
         ("gateway memory per session seen (touch bookkeeping)", f"{touch:.0f} B", f"`SessionManager._touched` entry, tracemalloc over {opts.idle} sessions"),
     ]  # fmt: skip
 
