@@ -558,7 +558,8 @@ def check_sample(stack: Stack, sample: dict[str, Any]) -> None:
         raise RuntimeError("a filled session record does not open as the gateway would open it")
 
 
-def session_template(stack: Stack, cookie: str) -> dict[str, Any]:
+def logged_in_record(stack: Stack, cookie: str) -> tuple[Ticket, bytes]:
+    """The logged-in session's ticket and its sealed record, as stored in Redis."""
     import redis
 
     settings = settings_of(stack)
@@ -570,6 +571,11 @@ def session_template(stack: Stack, cookie: str) -> dict[str, Any]:
     finally:
         client.close()
     assert raw is not None
+    return ticket, raw
+
+
+def session_template(stack: Stack, cookie: str) -> dict[str, Any]:
+    ticket, raw = logged_in_record(stack, cookie)
     return dict(json.loads(ticket.open_record(raw).to_json()))
 
 
@@ -646,19 +652,9 @@ def cached_session_bytes(stack: Stack, cookie: str, count: int) -> float:
     opened once per entry, with its ticket and expiry), by tracemalloc over ``count``."""
     import tracemalloc
 
-    import redis
-
     from gateway.session_cache import SessionCache
 
-    settings = settings_of(stack)
-    ring = KeyRing([decode_secret(s.get_secret_value()) for s in settings.session.cookie_secrets])
-    ticket = Ticket.from_cookie(cookie, ring)
-    client = redis.Redis(host="127.0.0.1", port=stack.redis_port)
-    try:
-        raw = client.get(PREFIX + "s:" + ticket.store_key)
-    finally:
-        client.close()
-    assert raw is not None
+    ticket, raw = logged_in_record(stack, cookie)
     cache = SessionCache(count, 3600.0, time.time)
     cache.set_trusted(True)
     until = time.time() + 3600
