@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from gateway.config import Settings
@@ -24,7 +24,8 @@ def _fmt(ts: float) -> str:
 def _line(meta: SessionMeta) -> str:
     left = max(0, int(meta.expires_at - time.time()))
     return (
-        f"{meta.key[:16]}  sub={meta.sub}  sid={meta.provider_sid or '-'}  "
+        f"{meta.key[:16]}  provider={meta.provider}  sub={meta.sub}  "
+        f"sid={meta.provider_sid or '-'}  "
         f"created={_fmt(meta.created_at)}  absolute_end_in={left}s"
     )
 
@@ -43,14 +44,30 @@ async def _with_store(settings: Settings, action: Callable[[SessionStore], Await
         await store.close()
 
 
-async def list_sessions(settings: Settings, user: str | None) -> int:
-    """Print the sessions of one user (``user``) or every session (None)."""
+async def _select(
+    store: SessionStore, user: str | None, providers: Sequence[str], only: str | None
+) -> list[SessionMeta]:
+    """The sessions of ``user`` (None: everyone's) at provider ``only`` (None: at any).
+
+    A sub is unique only per provider: a user is looked up in each provider's index."""
+    if user is None:
+        return [m async for m in store.all_sessions() if only is None or m.provider == only]
+    metas: list[SessionMeta] = []
+    for provider in [only] if only is not None else providers:
+        metas.extend(await store.keys_for_user(user, provider))
+    return metas
+
+
+def _ids(settings: Settings) -> list[str]:
+    return [ref.id for ref in settings.provider_refs]
+
+
+async def list_sessions(settings: Settings, user: str | None, provider: str | None = None) -> int:
+    """Print the sessions of one user (``user``) or every session (None), of one provider
+    (``provider``) or of all; each line names its provider id."""
 
     async def act(store: SessionStore) -> int:
-        if user:
-            metas = await store.keys_for_user(user)
-        else:
-            metas = [m async for m in store.all_sessions()]
+        metas = await _select(store, user, _ids(settings), provider)
         for meta in sorted(metas, key=lambda m: m.created_at):
             print(_line(meta))
         print(f"{len(metas)} session(s)")
@@ -59,19 +76,18 @@ async def list_sessions(settings: Settings, user: str | None) -> int:
     return await _with_store(settings, act)
 
 
-async def revoke_sessions(settings: Settings, user: str | None) -> int:
-    """Delete the sessions of one user (``user``) or every session (None)."""
+async def revoke_sessions(settings: Settings, user: str | None, provider: str | None = None) -> int:
+    """Delete the sessions of one user (``user``) or every session (None), of one provider
+    (``provider``) or of all."""
 
     async def act(store: SessionStore) -> int:
-        if user is not None:
-            metas = await store.keys_for_user(user)
-        else:
-            metas = [m async for m in store.all_sessions()]
+        metas = await _select(store, user, _ids(settings), provider)
         for meta in metas:
             await store.delete(meta.key)
             print(f"revoked {_line(meta)}")
         who = f"user {user}" if user is not None else "all users"
-        print(f"revoked {len(metas)} session(s) of {who}")
+        at = f" at provider {provider}" if provider is not None else ""
+        print(f"revoked {len(metas)} session(s) of {who}{at}")
         return 0
 
     return await _with_store(settings, act)

@@ -16,7 +16,6 @@ from aiohttp import web
 
 from gateway import keys, login, logout, paths
 from gateway.assertion import ASSERTION, AssertionSigner, jwks_handler
-from gateway.bearer import BearerVerifier
 from gateway.config import RouteSettings, Settings
 from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing, decode_secret
@@ -28,6 +27,7 @@ from gateway.middleware import access_log, errors, hide_server_version, on_respo
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
 from gateway.pages import NO_STORE, Pages
+from gateway.providers import Providers
 from gateway.proxy import Forwarder, make_upstream_client
 from gateway.routes import Routes
 from gateway.sessions import SessionManager
@@ -113,20 +113,35 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    http = make_provider_http(settings.provider)
-    provider = ProviderClient(settings.provider, settings.redirect_uri, http)
-    provider.tracing = app[keys.TRACING]
-    app[keys.PROVIDER] = provider
-    app[keys.SESSIONS] = SessionManager(settings.session, app[keys.STORE], app[keys.RING], provider)
+    refs = settings.provider_refs
+    https = [make_provider_http(ref.settings) for ref in refs]
+    clients = [
+        ProviderClient(ref.settings, settings.redirect_uri, http)
+        for ref, http in zip(refs, https, strict=True)
+    ]
+    providers = Providers.of(refs, clients)
+    app[keys.PROVIDERS] = providers
+    for client in clients:
+        client.tracing = app[keys.TRACING]
+    if settings.providers is None:
+        [only] = providers
+        app[keys.PROVIDER] = only.client
+        assert only.bearer is not None
+        app[keys.BEARER] = only.bearer
+    app[keys.SESSIONS] = SessionManager(
+        settings.session, app[keys.STORE], app[keys.RING], providers
+    )
     app[keys.SESSIONS].on_refresh = app[METRICS].refreshed
-    app[keys.BEARER] = BearerVerifier(provider, settings.provider)
-    try:
-        await provider.load()
-    except ProviderTransportError as exc:
-        # Start anyway: /readyz says 503 and logins retry discovery until the provider answers.
-        log.warning("provider metadata not loaded at start-up: %s", exc)
+    for p in providers:
+        try:
+            await p.client.load()
+        except ProviderTransportError as exc:
+            # Start anyway: /readyz says 503 and logins retry discovery until it answers.
+            which = "" if settings.providers is None else f" ({p.id})"
+            log.warning("provider metadata not loaded at start-up%s: %s", which, exc)
     yield
-    await http.close()
+    for http in https:
+        await http.close()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -161,11 +176,13 @@ async def readyz(request: web.Request) -> web.StreamResponse:
         checks["store"] = "ok"
     except (StoreError, TimeoutError):
         checks["store"] = "unavailable"
-    provider = request.app[keys.PROVIDER]
-    if not provider.loaded:
-        with suppress(ProviderTransportError):
-            await provider.metadata()
-    checks["provider"] = "ok" if provider.loaded else "metadata not loaded"
+    several = request.app[keys.SETTINGS].providers is not None
+    for p in request.app[keys.PROVIDERS]:
+        if not p.client.loaded:
+            with suppress(ProviderTransportError):
+                await p.client.metadata()
+        name = f"provider:{p.id}" if several else "provider"
+        checks[name] = "ok" if p.client.loaded else "metadata not loaded"
     ok = all(v == "ok" for v in checks.values())
     return web.json_response(
         {"status": "ready" if ok else "not ready", "checks": checks},

@@ -5,7 +5,8 @@ On routes with ``assertion: true`` the upstream receives a compact JWS (RFC 7515
 ``iss`` (``assertion.issuer``, default ``server.public_url``), ``aud`` (the route's
 upstream URL as configured, without a trailing ``/``: the recipient that verifies it, so
 two routes to one service share one audience), ``sub``, ``email`` (when known), ``groups``,
-``iat``, ``exp`` (``assertion.ttl``, at most 60 s) and ``jti``.
+``provider`` (the provider id) and ``provider_iss`` (its issuer), ``iat``, ``exp``
+(``assertion.ttl``, at most 60 s) and ``jti``.
 
 The first configured key signs; every configured key is published at
 ``/.well-known/jwks.json`` so a new key can be added (published) before it signs and an old
@@ -158,6 +159,11 @@ class AssertionSigner:
         }
         if identity.email is not None:
             claims["email"] = identity.email
+        # Who vouches for the user (its own iss stays the gateway's): a sub is unique only
+        # per provider.
+        claims["provider"] = identity.provider
+        if identity.issuer:
+            claims["provider_iss"] = identity.issuer
         return jwt.encode(
             claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"}
         )

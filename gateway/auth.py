@@ -14,12 +14,12 @@ just ended (``keys.CLEAR_SESSION``) is not replaced by one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 
 from gateway import keys
-from gateway.bearer import admit, bearer_token
+from gateway.bearer import InvalidToken, admit, bearer_token
 from gateway.errors import Forbidden, Unauthenticated
 from gateway.headers import is_websocket_upgrade
 from gateway.pages import wants_html
@@ -81,7 +81,10 @@ async def _authenticate(request: web.Request, route: CompiledRoute | None) -> Pr
         if loaded is None:
             return None
         return _from_session(loaded, loaded.session)
-    if loaded is not None:
+    providers = request.app[keys.PROVIDERS]
+    # A session of a provider the route does not allow counts as none here (login with
+    # an allowed one, or 401); it stays valid for the routes that do allow it.
+    if loaded is not None and providers.allows(route.settings, loaded.session.identity.provider):
         principal = await _session_principal(request, route, loaded)
         if principal is not None:
             return principal
@@ -89,9 +92,13 @@ async def _authenticate(request: web.Request, route: CompiledRoute | None) -> Pr
     if route.settings.accept_bearer and not request.get(keys.CLEAR_SESSION):
         token = bearer_token(request.headers)
         if token is not None:
-            admitted = await admit(request.app[keys.BEARER], route.route, token)
-            request[keys.IDENTITY] = admitted.identity
-            return Principal(admitted.identity, admitted.scopes, token, "bearer")
+            chosen = providers.bearer_for(route.settings, token)
+            if chosen is None or chosen.bearer is None:
+                raise InvalidToken()
+            admitted = await admit(chosen.bearer, route.route, token)
+            identity = replace(admitted.identity, provider=chosen.id, issuer=chosen.issuer)
+            request[keys.IDENTITY] = identity
+            return Principal(identity, admitted.scopes, token, "bearer")
     return None
 
 

@@ -80,6 +80,11 @@ _REALM = 'Bearer realm="gateway"'
 _V = TypeVar("_V")
 
 
+def looks_like_jwt(token: str) -> bool:
+    """A compact JWS (a JWT access token, RFC 9068), not an opaque token."""
+    return _COMPACT_JWS.fullmatch(token) is not None
+
+
 class InvalidToken(Unauthenticated):
     """RFC 6750 §3.1 ``invalid_token``: expired, revoked, malformed or not ours."""
 

@@ -68,15 +68,39 @@ def cmd_client_jwks(args: argparse.Namespace) -> int:
     from gateway.oidc.client_auth import ClientAssertions
 
     settings = _load(args.config)
-    assertions = ClientAssertions.from_settings(settings.provider)
-    if assertions is None:
+    where = resolve_path(args.config)
+    refs = settings.provider_refs
+    if args.provider is not None:
+        refs = tuple(ref for ref in refs if ref.id == args.provider)
+        if not refs:
+            known = ", ".join(ref.id for ref in settings.provider_refs)
+            print(f"{where}: no provider has the id {args.provider!r} ({known})", file=sys.stderr)
+            return 2
+    keyed = [
+        (ref, assertions)
+        for ref in refs
+        if (assertions := ClientAssertions.from_settings(ref.settings)) is not None
+    ]
+    if not keyed:
+        key = "provider" if settings.providers is None else f"providers[{refs[0].id}]"
+        if settings.providers is not None and args.provider is None:
+            key = "providers"
         print(
-            f"{resolve_path(args.config)}: provider.client_private_key: not set "
+            f"{where}: {key}.client_private_key: not set "
             "(client-jwks is for client_auth_method: private_key_jwt)",
             file=sys.stderr,
         )
         return 2
-    print(json.dumps(assertions.jwks(), indent=2))
+    if len(keyed) > 1:
+        # Each provider gets its own set to register: never one merged set.
+        names = ", ".join(ref.id for ref, _ in keyed)
+        print(
+            f"{where}: several providers use private_key_jwt ({names}); name one with "
+            "--provider ID",
+            file=sys.stderr,
+        )
+        return 2
+    print(json.dumps(keyed[0][1].jwks(), indent=2))
     return 0
 
 
@@ -150,10 +174,27 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     if args.action == "revoke" and bool(args.user) == bool(args.all):
         print("gateway sessions revoke: name either --user SUB or --all", file=sys.stderr)
         return 2
+    ids = [ref.id for ref in settings.provider_refs]
+    if args.provider is not None and args.provider not in ids:
+        print(
+            f"gateway sessions: {args.provider!r} is not a configured provider id "
+            f"(known: {', '.join(ids)})",
+            file=sys.stderr,
+        )
+        return 2
+    if args.action == "revoke" and args.user and args.provider is None and len(ids) > 1:
+        # A sub is unique only per provider: the same sub elsewhere is another person.
+        print(
+            "gateway sessions revoke: with several providers, name the user's provider "
+            f"with --provider ID ({', '.join(ids)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.action == "list":
-            return asyncio.run(list_sessions(settings, args.user))
-        return asyncio.run(revoke_sessions(settings, None if args.all else args.user))
+            return asyncio.run(list_sessions(settings, args.user, args.provider))
+        user = None if args.all else args.user
+        return asyncio.run(revoke_sessions(settings, user, args.provider))
     except StoreError as exc:
         print(f"gateway sessions: Redis did not answer ({exc})", file=sys.stderr)
     except ValueError as exc:  # a redis_url that redis-py cannot use
@@ -195,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         "client-jwks", help="print the public JWK Set of the private_key_jwt client keys"
     )
     with_config(p)
+    p.add_argument(
+        "--provider", metavar="ID",
+        help="the provider whose keys to print (needed when several use private_key_jwt)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_client_jwks)
 
     p = sub.add_parser("gen-secret", help="print a fresh cookie secret")
@@ -240,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--user", help="the user's sub")
     p.add_argument("--all", action="store_true", help="with revoke: every session")
+    p.add_argument(
+        "--provider", metavar="ID",
+        help="only this provider's sessions (needed for revoke --user with several providers)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_sessions)
     return parser
 

@@ -24,6 +24,7 @@ from gateway.crypto import OpenError, sha256_b64u
 from gateway.errors import LoginFlowError, OAuthError, ProviderDenied, TokenValidationError
 from gateway.flow import LoginState, flow_cookie, slot_for
 from gateway.oidc.metadata import ProviderMetadata
+from gateway.providers import Provider
 from gateway.session import Identity, Ticket, Tokens
 from gateway.sessions import identity_from, tokens_from
 
@@ -45,23 +46,26 @@ class Completed:
 async def complete_login(request: web.Request) -> Completed:
     """Check the authorization response, exchange the code, and start the session."""
     app = request.app
-    provider = app[keys.PROVIDER]
     state, cookie_name, flow = _flow(request)
-    meta = await provider.metadata()
-    code = _authorization_code(request.query, meta)
+    providers = app[keys.PROVIDERS]
+    chosen = providers.get(flow.provider)
+    if chosen is None:  # removed from the config since this sign-in began
+        raise LoginFlowError("This sign-in can no longer be completed. Please start again.")
+    meta = await chosen.client.metadata()
+    code = _authorization_code(request.query, meta, strict_iss=len(providers) > 1)
     # Single use across every replica: the first callback with this state claims it.
     settings = app[keys.SETTINGS]
     if not await app[keys.STORE].claim_once(
         "state:" + sha256_b64u(state), settings.session.login_timeout
     ):
         raise LoginFlowError("This sign-in response was already used. Please start again.")
-    identity, tokens, sid = await _exchange(app, meta, code, flow)
+    identity, tokens, sid = await _exchange(chosen, meta, code, flow)
     sessions = app[keys.SESSIONS]
     previous = await open_session(request)
     ticket, _ = await sessions.create(identity, tokens, sid)
     if previous is not None:
         await sessions.destroy(previous.ticket)
-    log.info("login", extra={"sub": identity.sub})
+    log.info("login", extra={"sub": identity.sub, "provider": chosen.id})
     return Completed(ticket, flow.return_to or "/", cookie_name)
 
 
@@ -92,17 +96,24 @@ def _flow(request: web.Request) -> tuple[str, str, LoginState]:
     return state, cookie_name, flow
 
 
-def _authorization_code(q: MultiMapping[str], meta: ProviderMetadata) -> str:
-    """The code of an authorization response that names our issuer and is no error.
+def _authorization_code(
+    q: MultiMapping[str], meta: ProviderMetadata, *, strict_iss: bool = False
+) -> str:
+    """The code of an authorization response that names the chosen provider's issuer and
+    is no error.
 
-    RFC 9207 §2.4: the iss parameter must name our issuer when present, and be present when
+    RFC 9207 §2.4: the iss parameter must name the issuer when present, and be present when
     the provider says it sends it. An error response accepts nothing, so one without iss is
     still shown as the provider's error (the missing iss is logged); one naming another
-    issuer is refused as such (a mix-up attempt).
+    issuer is refused as such (a mix-up attempt, RFC 9700 §4.4: the code is never redeemed).
+    ``strict_iss`` (several providers): a missing iss is refused for errors too.
     """
     iss = q.get("iss")
     if iss is not None and iss != meta.issuer:
+        log.warning("sign-in response names another issuer than the chosen provider's")
         raise LoginFlowError("The sign-in response came from an unexpected issuer.")
+    if strict_iss and iss is None and meta.iss_parameter_supported:
+        raise LoginFlowError("The sign-in response did not name its issuer.")
     error = q.get("error")
     if error is not None:
         err = error if _OAUTH_ERROR_RE.match(error) else "invalid_response"
@@ -121,10 +132,11 @@ def _authorization_code(q: MultiMapping[str], meta: ProviderMetadata) -> str:
 
 
 async def _exchange(
-    app: web.Application, meta: ProviderMetadata, code: str, flow: LoginState
+    chosen: Provider, meta: ProviderMetadata, code: str, flow: LoginState
 ) -> tuple[Identity, Tokens, str | None]:
-    """Exchange the code; the identity (ID token + userinfo), tokens and provider sid."""
-    provider = app[keys.PROVIDER]
+    """Exchange the code at the chosen provider only; the identity (ID token + userinfo,
+    validated against that provider), tokens and provider sid."""
+    provider = chosen.client
     try:
         token_resp = await provider.exchange_code(code, flow.verifier)
     except OAuthError as exc:
@@ -143,7 +155,7 @@ async def _exchange(
         log.warning("the provider returned no ID token for an openid request")
         raise LoginFlowError()
     userinfo = await provider.userinfo(token_resp.access_token)
-    identity = identity_from(dict(id_claims), userinfo)
+    identity = identity_from(dict(id_claims), userinfo, chosen.id, meta.issuer)
     if not identity.sub:
         raise LoginFlowError("The provider did not say who you are.")
     sid = id_claims.get("sid")

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,9 +24,11 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from gateway import paths
 
@@ -324,6 +327,34 @@ class ProviderSettings(_Model):
         return "client_secret_basic" if self.client_secret is not None else "none"
 
 
+DEFAULT_PROVIDER_ID = "default"
+_PROVIDER_ID = re.compile(r"[a-z0-9-]{1,32}")
+
+
+class ProviderEntry(ProviderSettings):
+    """One item of ``providers:``: every provider key, plus the id sessions remember and
+    the name the chooser page shows."""
+
+    id: str
+    display_name: str | None = Field(default=None, min_length=1, max_length=100)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _PROVIDER_ID.fullmatch(v):
+            raise ValueError("must be 1 to 32 of a-z, 0-9 and -")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRef:
+    """A configured provider: its id, the chooser's label, and its settings."""
+
+    id: str
+    display_name: str
+    settings: ProviderSettings
+
+
 def _cookie_secret(v: Any) -> Any:
     raw = v.get_secret_value() if isinstance(v, SecretStr) else v
     if not isinstance(raw, str):
@@ -441,6 +472,8 @@ class RouteSettings(_Model):
     websockets: bool = True
     tls_verify: bool = True
     tls_ca_file: str | None = None
+    # The provider ids that may sign in for this route (``providers:``); None: every one.
+    providers: tuple[str, ...] | None = Field(default=None, min_length=1)
 
     @field_validator("prefix")
     @classmethod
@@ -623,7 +656,9 @@ class AssertionSettings(_Model):
 
 class Settings(_Model):
     server: ServerSettings
-    provider: ProviderSettings
+    # Exactly one of the two: ``providers:`` (a list) or a single ``provider:`` (id ``default``).
+    providers: tuple[ProviderEntry, ...] | None = Field(default=None, min_length=1)
+    provider: ProviderSettings | None = Field(default=None, validate_default=True)
     session: SessionSettings
     routes: tuple[RouteSettings, ...] = Field(min_length=1)
     logout: LogoutSettings = LogoutSettings()
@@ -634,6 +669,56 @@ class Settings(_Model):
     @property
     def redirect_uri(self) -> str:
         return self.server.public_url + paths.CALLBACK
+
+    @field_validator("provider")
+    @classmethod
+    def _provider_required(
+        cls, v: ProviderSettings | None, info: ValidationInfo
+    ) -> ProviderSettings | None:
+        # Required unless ``providers`` is given ("providers" is missing from info.data
+        # when it failed validation itself: that problem is reported already).
+        if v is None and "providers" in info.data and info.data["providers"] is None:
+            raise PydanticCustomError("missing", "Field required")
+        return v
+
+    @model_validator(mode="after")
+    def _providers(self) -> Settings:
+        problems = []
+        if self.provider is not None and self.providers is not None:
+            problems.append("@provider: set either provider (one provider) or providers, not both")
+        ids: set[str] = set()
+        issuers: dict[str, str] = {}
+        for i, entry in enumerate(self.providers or ()):
+            if entry.id in ids:
+                problems.append(f"@providers[{i}].id: {entry.id!r} is used by another provider")
+            ids.add(entry.id)
+            if entry.issuer:
+                issuer = entry.issuer.rstrip("/")
+                if issuer in issuers:
+                    problems.append(
+                        f"@providers[{i}].issuer: the same issuer as provider "
+                        f"{issuers[issuer]!r}; each provider needs its own issuer (sessions, "
+                        "back-channel logout and the mix-up defence tell providers apart by it)"
+                    )
+                issuers.setdefault(issuer, entry.id)
+        known = ids or {DEFAULT_PROVIDER_ID}
+        for i, route in enumerate(self.routes):
+            for name in route.providers or ():
+                if name not in known:
+                    problems.append(
+                        f"@routes[{i}].providers: {name!r} is not a configured provider id "
+                        f"(known: {', '.join(sorted(known))})"
+                    )
+        _raise_keyed(problems)
+        return self
+
+    @property
+    def provider_refs(self) -> tuple[ProviderRef, ...]:
+        """Every configured provider in config order; a single ``provider:`` is ``default``."""
+        if self.providers is not None:
+            return tuple(ProviderRef(p.id, p.display_name or p.id, p) for p in self.providers)
+        assert self.provider is not None  # the validator requires one of the two
+        return (ProviderRef(DEFAULT_PROVIDER_ID, "Sign in", self.provider),)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -696,18 +781,38 @@ def _apply_env(
         elif raw.strip() in ("null", "~"):
             value = None
         node: Any = data
+        path: list[str] = []
         for key in keys[:-1]:
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # providers: an item by its id or its index
+                i = _list_item(node, key)
+                if i is None:
+                    node = None
+                    break
+                node, key = node[i], str(i)
+            elif not isinstance(node, dict):
                 break
-            if node.get(key) is None:  # an empty section in YAML reads as null
-                node[key] = {}
-            node = node[key]
+            else:
+                if node.get(key) is None:  # an empty section in YAML reads as null
+                    node[key] = {}
+                node = node[key]
+            path.append(key)
         if isinstance(node, dict):
             node[keys[-1]] = value
-            applied[keys] = name
+            applied[(*path, keys[-1])] = name
         else:
             problems.append(f"{name}: cannot be applied to {'.'.join(keys)}")
     return applied
+
+
+def _list_item(items: list[Any], key: str) -> int | None:
+    """The item a variable names in a list section: by ``id`` (``-`` written as ``_``, as
+    variable names allow) or by index."""
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and str(item.get("id", "")).replace("-", "_") == key:
+            return i
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    return None
 
 
 def _env_cause(loc: tuple[int | str, ...], applied: Mapping[tuple[str, ...], str]) -> str | None:
@@ -717,6 +822,16 @@ def _env_cause(loc: tuple[int | str, ...], applied: Mapping[tuple[str, ...], str
         if path[: len(keys)] == keys:
             return name
     return None
+
+
+def _key_path(key: str) -> tuple[int | str, ...]:
+    """``providers[1].id`` → ("providers", 1, "id")."""
+    out: list[int | str] = []
+    for part in key.split("."):
+        name, *indexes = part.replace("]", "").split("[")
+        out.append(name)
+        out.extend(int(i) for i in indexes)
+    return tuple(out)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -759,7 +874,7 @@ def validate(data: Any, env: Mapping[str, str] | None = None) -> Settings:
                 key, sep, rest = line.partition(": ")
                 where = loc
                 if key.startswith("@") and sep:
-                    where, line = (*loc, key[1:]), rest
+                    where, line = (*loc, *_key_path(key[1:])), rest
                 name = _env_cause(where, applied)
                 if name is None:
                     problems.append(f"{_loc(where)}: {line}")
@@ -795,20 +910,28 @@ def load_settings(path: str | None = None, env: Mapping[str, str] | None = None)
 def redacted(settings: Settings) -> dict[str, Any]:
     """The resolved config as plain data with every secret replaced by ``**********``."""
     data: dict[str, Any] = settings.model_dump(mode="json")
-    if settings.provider.client_secret is not None:
-        data["provider"]["client_secret"] = "**********"
-    if settings.provider.client_private_key is not None:
-        data["provider"]["client_private_key"] = [
-            "**********" for _ in settings.provider.client_private_key
-        ]
-    if settings.provider.client_certificate is not None:
-        data["provider"]["client_certificate"] = [
-            _certificate_summary(c) for c in settings.provider.client_certificate
-        ]
+    if settings.providers is None:
+        del data["providers"]
+        _redact_provider(settings.provider, data["provider"])
+    else:
+        del data["provider"]
+        for entry, shown in zip(settings.providers, data["providers"], strict=True):
+            _redact_provider(entry, shown)
     data["session"]["cookie_secrets"] = ["**********" for _ in settings.session.cookie_secrets]
     data["session"]["redis_url"] = _redact_url(settings.session.redis_url.get_secret_value())
     data["assertion"]["signing_keys"] = ["**********" for _ in settings.assertion.signing_keys]
     return data
+
+
+def _redact_provider(provider: ProviderSettings | None, data: dict[str, Any]) -> None:
+    if provider is None:
+        return
+    if provider.client_secret is not None:
+        data["client_secret"] = "**********"
+    if provider.client_private_key is not None:
+        data["client_private_key"] = ["**********" for _ in provider.client_private_key]
+    if provider.client_certificate is not None:
+        data["client_certificate"] = [_certificate_summary(c) for c in provider.client_certificate]
 
 
 def _certificate_summary(pem: str) -> str:

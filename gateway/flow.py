@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+from gateway.config import DEFAULT_PROVIDER_ID
 from gateway.crypto import KeyRing, OpenError, pkce_pair, random_token, sha256_b64u
 
 _PURPOSE = b"gateway-login-state:"
@@ -25,15 +26,27 @@ class LoginState:
     verifier: str
     return_to: str
     created_at: float
+    # The provider chosen for this sign-in: only its issuer may answer, only its token
+    # endpoint ever sees the code (cookies sealed before there could be several: default).
+    provider: str = DEFAULT_PROVIDER_ID
 
     @classmethod
     def new(
-        cls, return_to: str, now: float | None = None, state: str | None = None
+        cls,
+        return_to: str,
+        now: float | None = None,
+        state: str | None = None,
+        provider: str = DEFAULT_PROVIDER_ID,
     ) -> tuple[LoginState, str]:
         """A fresh flow and its S256 code challenge (``state``: one already drawn)."""
         verifier, challenge = pkce_pair()
         st = cls(
-            state or random_token(32), random_token(32), verifier, return_to, now or time.time()
+            state or random_token(32),
+            random_token(32),
+            verifier,
+            return_to,
+            now or time.time(),
+            provider,
         )
         return st, challenge
 

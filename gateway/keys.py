@@ -13,6 +13,7 @@ from gateway.metrics import METRICS as METRICS
 from gateway.oidc import ProviderClient
 from gateway.pages import Pages
 from gateway.principal import Principal
+from gateway.providers import Providers
 from gateway.routes import Routes
 from gateway.session import Identity
 from gateway.sessions import SessionManager
@@ -23,11 +24,15 @@ SETTINGS = web.AppKey("settings", Settings)
 RING = web.AppKey("ring", KeyRing)
 COOKIES = web.AppKey("cookies", CookiePolicy)
 STORE = web.AppKey("store", SessionStore)
+# Every configured provider, by id and by issuer.
+PROVIDERS = web.AppKey("providers", Providers)
+# Only with a single provider (``provider:``): its client and bearer verifier, for tests
+# and tools. The gateway itself always goes through PROVIDERS.
 PROVIDER = web.AppKey("provider", ProviderClient)
 SESSIONS = web.AppKey("sessions", SessionManager)
 # The compiled routes (built when the app starts; again on every reload).
 ROUTES = web.AppKey("routes", Routes)
-BEARER = web.AppKey("bearer", BearerVerifier)
+BEARER = web.AppKey("bearer", BearerVerifier)  # with a single provider only, see PROVIDER
 PAGES = web.AppKey("pages", Pages)
 TRACING = web.AppKey("tracing", Tracing)
 # ASSERTION and METRICS are defined next to their handlers and re-exported here.

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Sequence
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
 from gateway import keys, paths
 from gateway.auth import authenticate
 from gateway.completion import complete_login
+from gateway.config import RouteSettings
 from gateway.crypto import random_token
 from gateway.errors import (
     BadRequest,
@@ -29,8 +32,10 @@ from gateway.errors import (
 )
 from gateway.flow import LoginState, flow_cookie, slot_for
 from gateway.oidc.par import ParUnavailable
-from gateway.pages import NO_STORE, denied_response, redirect
+from gateway.pages import NO_STORE, Action, denied_response, pages_of, redirect
 from gateway.paths import start_url as start_url
+from gateway.policy import PathRejected, normalize_path
+from gateway.providers import Provider
 from gateway.redirects import safe_redirect, same_origin_path
 
 log = logging.getLogger("gateway.login")
@@ -41,21 +46,62 @@ _NO_PAR = (
 
 
 async def start(request: web.Request) -> web.StreamResponse:
-    """Begin a login; ``rd`` is where to land afterwards (same origin or allowlisted)."""
+    """Begin a login; ``rd`` is where to land afterwards (same origin or allowlisted),
+    ``provider`` the provider to sign in with (else the route's only one, or a chooser)."""
     settings = request.app[keys.SETTINGS]
-    rd = request.query.get("rd")
+    q = request.query
+    if len(q.getall("provider", ())) > 1:
+        raise BadRequest("The sign-in link names more than one provider.")
+    rd = q.get("rd")
     return_to = "/"
     if rd is not None:
         ok = safe_redirect(rd, settings.server.public_url, settings.logout.allowed_redirects)
         if ok is None:
             raise BadRequest("The rd parameter is not a path on this site.")
         return_to = same_origin_path(ok, settings.server.public_url)
-    return await begin_login(request, return_to)
+    allowed = request.app[keys.PROVIDERS].allowed(_route_settings(request, return_to))
+    wanted = q.get("provider")
+    if wanted is not None:
+        chosen = next((p for p in allowed if p.id == wanted), None)
+        if chosen is None:
+            raise BadRequest("There is no sign-in with that provider for this page.")
+    elif len(allowed) == 1:
+        chosen = allowed[0]
+    else:
+        return _chooser(request, allowed, rd)
+    return await begin_login(request, return_to, chosen)
 
 
-async def begin_login(request: web.Request, return_to: str) -> web.StreamResponse:
-    """302 to the provider with a fresh state, nonce and PKCE challenge in a flow cookie."""
-    provider = request.app[keys.PROVIDER]
+def _route_settings(request: web.Request, return_to: str) -> RouteSettings | None:
+    """The route a return path lands on (None: another, allowlisted, origin)."""
+    if not return_to.startswith("/") or return_to.startswith("//"):
+        return None
+    try:
+        path = normalize_path(urlsplit(return_to).path or "/")
+        route = request.app[keys.ROUTES].match(path)
+    except PathRejected:
+        raise BadRequest("The rd parameter is not a path on this site.") from None
+    return None if route is None else route.settings
+
+
+def _chooser(
+    request: web.Request, allowed: Sequence[Provider], rd: str | None
+) -> web.StreamResponse:
+    """The page that lets the user pick a provider: one link per allowed provider, in
+    config order, each back to /oauth2/start with that provider and the same ``rd``."""
+    suffix = "" if rd is None else "&rd=" + quote(rd, safe="/")
+    choices = [
+        Action(f"{paths.START}?provider={quote(p.id)}{suffix}", p.display_name) for p in allowed
+    ]
+    return pages_of(request).render(
+        "choose.html", "Sign in", message="Choose how to sign in.", choices=choices
+    )
+
+
+async def begin_login(request: web.Request, return_to: str, chosen: Provider) -> web.StreamResponse:
+    """302 to the chosen provider with a fresh state, nonce and PKCE challenge in a flow
+    cookie that names that provider."""
+    provider = chosen.client
     cookies = request.app[keys.COOKIES]
     settings = request.app[keys.SETTINGS]
     meta = await provider.metadata()
@@ -78,7 +124,7 @@ async def begin_login(request: web.Request, return_to: str) -> web.StreamRespons
     state = random_token(32)
     while slot_for(state, slots) != target:
         state = random_token(32)
-    flow, challenge = LoginState.new(return_to, now, state)
+    flow, challenge = LoginState.new(return_to, now, state, chosen.id)
     try:
         location = await provider.authorization_redirect(meta, flow.state, flow.nonce, challenge)
     except ParUnavailable as exc:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway import keys, paths
 from gateway.auth import authenticate
+from gateway.config import DEFAULT_PROVIDER_ID
 from gateway.crypto import OpenError, b64u_encode, constant_time_equal, random_token
 from gateway.errors import (
     BadRequest,
@@ -29,6 +30,7 @@ from gateway.errors import (
 )
 from gateway.pages import NO_STORE, Action, pages_of, redirect
 from gateway.principal import Principal
+from gateway.providers import unverified_issuer
 from gateway.redirects import safe_redirect
 from gateway.session import Session, Ticket
 
@@ -95,14 +97,19 @@ async def end_session(
     request: web.Request, ticket: Ticket, session: Session, target: str
 ) -> web.StreamResponse:
     app = request.app
-    provider, sessions, cookies = app[keys.PROVIDER], app[keys.SESSIONS], app[keys.COOKIES]
+    sessions, cookies = app[keys.SESSIONS], app[keys.COOKIES]
+    # The session's own provider revokes its tokens and ends its session there.
+    own = app[keys.PROVIDERS].get(session.identity.provider)
+    provider = own.client if own is not None else None
     tokens = session.tokens
     await sessions.destroy(ticket)
-    try:
-        meta = await provider.metadata()
-    except ProviderTransportError:
-        meta = None
-    if meta is not None:
+    meta = None
+    if provider is not None:
+        try:
+            meta = await provider.metadata()
+        except ProviderTransportError:
+            meta = None
+    if provider is not None and meta is not None:
         # RFC 7009 §2: revoking the refresh token ends the grant; the access token too.
         if tokens.refresh_token:
             await provider.revoke(tokens.refresh_token, "refresh_token")
@@ -115,7 +122,7 @@ async def end_session(
     settings = app[keys.SETTINGS]
     post_logout = settings.server.public_url + SIGNED_OUT_PATH
     url = None
-    if meta is not None:
+    if provider is not None and meta is not None:
         hint = tokens.id_token if settings.logout.id_token_hint else None
         url = provider.end_session_url(meta, hint, post_logout, state)
     resp = redirect(url or f"{SIGNED_OUT_PATH}?state={state}", 303)
@@ -194,7 +201,7 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
 async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     """OIDC Back-Channel Logout 1.0: end the sessions of a ``sid``, or of a ``sub``."""
     app = request.app
-    provider, store = app[keys.PROVIDER], app[keys.STORE]
+    store = app[keys.STORE]
     if request.method != "POST":
         # §2.5: the logout token arrives by POST only; never fall through to the proxy.
         raise MethodNotAllowed(headers={"Allow": "POST"})
@@ -207,9 +214,15 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     token = form.get("logout_token")
     if not isinstance(token, str) or not token:
         raise BadRequest("logout_token is required")
+    # The token's iss, read unverified, only picks the provider whose keys and issuer
+    # then validate it in full; an issuer no configured provider has is refused.
+    provider = app[keys.PROVIDERS].by_issuer(unverified_issuer(token))
+    if provider is None:
+        log.info("back-channel logout token rejected: no provider has its issuer")
+        raise BadRequest("invalid logout_token")
     try:
-        await provider.metadata()
-        claims = await provider.validator.validate_logout_token(token)
+        await provider.client.metadata()
+        claims = await provider.client.validator.validate_logout_token(token)
     except TokenValidationError as exc:
         log.info("back-channel logout token rejected: %s", exc.reason)
         raise BadRequest("invalid logout_token") from None
@@ -221,18 +234,25 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
     # Ending is idempotent: a logout token ends only sessions that began before it was
     # issued (iat, give or take the usual clock skew), so processing it again, even as a
     # replay, never ends a session started later.
+    # Only that provider's sessions: a sub or sid is unique per issuer only.
+    pid = provider.id
     metas = await (
-        store.keys_for_sid(claims.sid) if claims.sid else store.keys_for_user(claims.sub or "")
+        store.keys_for_sid(claims.sid, pid)
+        if claims.sid
+        else store.keys_for_user(claims.sub or "", pid)
     )
     metas = [
         m for m in metas
-        if (not claims.sid or not claims.sub or m.sub == claims.sub)
+        if m.provider == pid
+        and (not claims.sid or not claims.sub or m.sub == claims.sub)
         and m.created_at <= claims.iat + CLOCK_SKEW
     ]  # fmt: skip
     for meta in metas:
         await store.delete(meta.key)
     ttl = max(300.0, claims.exp - time.time() + 120)
-    first = await store.claim_once("jti:" + claims.jti, ttl)
+    # The jti is unique per issuer: another provider's token may reuse it.
+    scope = "" if pid == DEFAULT_PROVIDER_ID else pid + ":"
+    first = await store.claim_once("jti:" + scope + claims.jti, ttl)
     if not first:
         raise BadRequest("logout_token replayed")
     log.info("back-channel logout ended %d session(s)", len(metas))

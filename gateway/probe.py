@@ -8,7 +8,7 @@ expected refusal of the code (``invalid_grant``) passes it.
 
 from __future__ import annotations
 
-from gateway.config import Settings
+from gateway.config import ProviderSettings, Settings
 from gateway.errors import ProviderTransportError, StoreError
 from gateway.oidc import ProviderClient, par
 from gateway.oidc.client import make_provider_http
@@ -20,27 +20,12 @@ Result = tuple[str, bool | None, str]
 
 async def probe(settings: Settings) -> list[Result]:
     results: list[Result] = []
-    http = make_provider_http(settings.provider)
-    try:
-        provider = ProviderClient(settings.provider, settings.redirect_uri, http)
-        try:
-            meta = await provider.load()
-            results.append(("provider discovery", True, f"issuer {meta.issuer}"))
-        except ProviderTransportError as exc:
-            results.append(("provider discovery", False, str(exc)))
-            meta = None
-        if meta is not None:
-            if (par_line := par.probe_result(settings.provider.par, meta)) is not None:
-                results.append(par_line)
-            try:
-                await provider.jwks.refresh()
-                results.append(("provider JWKS", True, f"{meta.jwks_uri}"))
-            except ProviderTransportError as exc:
-                results.append(("provider JWKS", False, str(exc)))
-            results.append(await _client_auth(provider, meta))
-            results.extend(_warnings(provider, meta))
-    finally:
-        await http.close()
+    several = settings.providers is not None
+    for ref in settings.provider_refs:
+        found = await _probe_provider(ref.settings, settings.redirect_uri)
+        if several:  # "provider corp discovery": which provider each line is about
+            found = [(f"provider {ref.id}{n[len('provider') :]}", ok, d) for n, ok, d in found]
+        results.extend(found)
     if settings.session.store == "redis":
         try:
             store = open_store(settings.session)
@@ -56,6 +41,32 @@ async def probe(settings: Settings) -> list[Result]:
             await store.close()
     else:
         results.append(("session store", True, "memory (one process only)"))
+    return results
+
+
+async def _probe_provider(provider_settings: ProviderSettings, redirect_uri: str) -> list[Result]:
+    results: list[Result] = []
+    http = make_provider_http(provider_settings)
+    try:
+        provider = ProviderClient(provider_settings, redirect_uri, http)
+        try:
+            meta = await provider.load()
+            results.append(("provider discovery", True, f"issuer {meta.issuer}"))
+        except ProviderTransportError as exc:
+            results.append(("provider discovery", False, str(exc)))
+            meta = None
+        if meta is not None:
+            if (par_line := par.probe_result(provider_settings.par, meta)) is not None:
+                results.append(par_line)
+            try:
+                await provider.jwks.refresh()
+                results.append(("provider JWKS", True, f"{meta.jwks_uri}"))
+            except ProviderTransportError as exc:
+                results.append(("provider JWKS", False, str(exc)))
+            results.append(await _client_auth(provider, meta))
+            results.extend(_warnings(provider, meta))
+    finally:
+        await http.close()
     return results
 
 

@@ -441,7 +441,7 @@ def startup_line(settings: Settings, sock: socket.socket, workers: int) -> None:
         shown,
         port,
         workers,
-        settings.provider.issuer,
+        ", ".join(ref.settings.issuer or ref.id for ref in settings.provider_refs),
         settings.session.store,
     )
 

@@ -37,10 +37,21 @@ class Tokens:
 class Identity:
     sub: str
     claims: dict[str, Any] = field(default_factory=dict)
+    # Who vouches for it: the provider id (``default`` for a single ``provider:``, and for
+    # sessions stored before there could be several) and that provider's issuer. A ``sub``
+    # is unique only per issuer.
+    provider: str = "default"
+    issuer: str = ""
 
     def claim(self, name: str) -> Any:
+        """A claim for identity headers; ``sub`` and the pseudo-claims ``provider`` and
+        ``iss`` (which win over a provider's claims of those names)."""
         if name == "sub":
             return self.sub
+        if name == "provider":
+            return self.provider
+        if name == "iss":
+            return self.issuer or None
         return self.claims.get(name)
 
     @property

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.config import SessionSettings
+from gateway.config import DEFAULT_PROVIDER_ID, SessionSettings
 from gateway.crypto import KeyRing, OpenError
 from gateway.errors import (
     OAuthError,
@@ -27,6 +27,7 @@ from gateway.errors import (
     TokenValidationError,
 )
 from gateway.oidc import ProviderClient, TokenResponse
+from gateway.providers import Providers
 from gateway.session import Identity, Session, Ticket, Tokens
 from gateway.session_cache import SessionCache
 from gateway.store import SessionMeta, SessionStore
@@ -53,15 +54,21 @@ class Loaded:
     session: Session
 
 
-def identity_from(id_claims: dict[str, Any], userinfo: dict[str, Any] | None) -> Identity:
-    """Identity claims from the ID token, completed by userinfo (same ``sub`` only)."""
+def identity_from(
+    id_claims: dict[str, Any],
+    userinfo: dict[str, Any] | None,
+    provider: str = DEFAULT_PROVIDER_ID,
+    issuer: str = "",
+) -> Identity:
+    """Identity claims from the ID token, completed by userinfo (same ``sub`` only), as
+    vouched for by ``provider`` (its id) whose issuer is ``issuer``."""
     claims = {k: v for k, v in id_claims.items() if k not in _PROTOCOL_CLAIMS}
     sub = str(id_claims.get("sub") or "")
     if userinfo and (not sub or userinfo.get("sub") == sub):
         claims.update({k: v for k, v in userinfo.items() if k not in _PROTOCOL_CLAIMS})
         sub = sub or str(userinfo.get("sub") or userinfo.get("id") or "")
     claims.pop("sub", None)
-    return Identity(sub=sub, claims=claims)
+    return Identity(sub=sub, claims=claims, provider=provider, issuer=issuer)
 
 
 def tokens_from(resp: TokenResponse, now: float, previous: Tokens | None = None) -> Tokens:
@@ -87,13 +94,16 @@ class SessionManager:
         settings: SessionSettings,
         store: SessionStore,
         ring: KeyRing,
-        provider: ProviderClient,
+        providers: Providers | ProviderClient | None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.ring = ring
-        self.provider = provider
+        # A bare client is a single provider (``default``); refresh asks a session's own.
+        if isinstance(providers, ProviderClient):
+            providers = Providers.single(providers)
+        self.providers = providers if providers is not None else Providers(())
         self.clock = clock
         self._touched: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[Session]] = {}
@@ -111,6 +121,15 @@ class SessionManager:
         )
         if settings.cache_size > 0 and self._watch is not None:
             self.cache = SessionCache(settings.cache_size, settings.cache_ttl, clock)
+
+    @property
+    def provider(self) -> ProviderClient:
+        """The provider of a single-provider setup (for tests and tools). The gateway never
+        uses it: it asks for each session's own provider."""
+        if len(self.providers) != 1:
+            raise LookupError("several providers: use providers.get(id)")
+        [only] = self.providers
+        return only.client
 
     # -- load / save -----------------------------------------------------------------------
 
@@ -162,6 +181,12 @@ class SessionManager:
             return None
         if session.expires_at <= self.clock():
             return None
+        if not session.identity.issuer:
+            # Stored before sessions named their issuer: the provider's (for ``iss``).
+            provider = self.providers.get(session.identity.provider)
+            if provider is not None and provider.issuer:
+                identity = replace(session.identity, issuer=provider.issuer)
+                session = replace(session, identity=identity)
         return session, raw
 
     async def save(
@@ -179,6 +204,7 @@ class SessionManager:
             provider_sid=session.provider_sid,
             created_at=session.created_at,
             expires_at=session.expires_at,
+            provider=session.identity.provider,
         )
         sealed = ticket.seal_record(session)
         try:
@@ -257,11 +283,16 @@ class SessionManager:
             # The provider failed a moment ago; serve with the still-valid token rather
             # than make every request wait for another failing call.
             return session
+        provider = self.providers.get(session.identity.provider)
+        if provider is None:
+            # Its provider is no longer configured: nobody can renew it (not deleted, the
+            # provider may come back with the next config).
+            raise SessionEnded()
         task = self._inflight.get(key)
         if task is None:
             # A task of its own, so a client that goes away mid-refresh does not cancel the
             # refresh that every other request of this session is waiting for.
-            task = asyncio.create_task(self._refresh_locked(loaded.ticket))
+            task = asyncio.create_task(self._refresh_locked(loaded.ticket, provider.client))
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._settled(key, t))
         return await asyncio.shield(task)
@@ -272,13 +303,13 @@ class SessionManager:
         if not task.cancelled():
             task.exception()  # retrieved here; every waiter re-raises it through the shield
 
-    async def _refresh_locked(self, ticket: Ticket) -> Session:
+    async def _refresh_locked(self, ticket: Ticket, provider: ProviderClient) -> Session:
         # The lock outlives the slowest refresh (token call, JWKS, userinfo each bounded by
         # the provider timeout): were it to expire mid-refresh, another replica could present
         # the refresh token being rotated, and the provider would revoke the whole family.
         # Waiters give up sooner (one provider call's worth) and serve what they can.
-        hold = 3 * self.provider.settings.timeout + 5.0
-        wait = self.provider.settings.timeout + 5.0
+        hold = 3 * provider.settings.timeout + 5.0
+        wait = provider.settings.timeout + 5.0
         try:
             async with self.store.lock("refresh:" + ticket.store_key, ttl=hold, wait=wait) as won:
                 found = await self._read_record(ticket)
@@ -290,7 +321,7 @@ class SessionManager:
                     return current  # another process refreshed it while we waited
                 if not won:
                     return self._keep_or_fail(ticket, current, now)
-                return await self._refresh(ticket, current, raw)
+                return await self._refresh(ticket, current, raw, provider)
         except StoreError:
             raise StoreUnavailable() from None
 
@@ -303,12 +334,15 @@ class SessionManager:
             return session
         raise ProviderUnavailable()
 
-    async def _refresh(self, ticket: Ticket, session: Session, raw: bytes) -> Session:
+    async def _refresh(
+        self, ticket: Ticket, session: Session, raw: bytes, provider: ProviderClient
+    ) -> Session:
+        """Refresh at ``provider``: the session's own (refresh tokens never go elsewhere)."""
         refresh_token = session.tokens.refresh_token
         if not refresh_token:
             raise SessionEnded()
         try:
-            resp = await self.provider.refresh(refresh_token)
+            resp = await provider.refresh(refresh_token)
         except OAuthError as exc:
             if exc.error in _GRANT_GONE:
                 log.info("refresh refused (%s): session ended", exc.error)
@@ -327,7 +361,7 @@ class SessionManager:
         tokens = tokens_from(resp, now, session.tokens)
         if resp.id_token:
             try:
-                id_claims = await self.provider.validator.validate_id_token(
+                id_claims = await provider.validator.validate_id_token(
                     resp.id_token, nonce=None, expect_sub=session.identity.sub
                 )
             except TokenValidationError as exc:
@@ -341,23 +375,23 @@ class SessionManager:
                 # updated from an ID token we could not verify.
                 log.warning("refreshed ID token not verified (%s); identity kept", exc)
                 tokens = replace(tokens, id_token=session.tokens.id_token)
-        userinfo = await self.provider.userinfo(resp.access_token)  # None without an endpoint
+        userinfo = await provider.userinfo(resp.access_token)  # None without an endpoint
         identity = session.identity
         if id_claims or userinfo:
             base = {"sub": session.identity.sub, **session.identity.claims, **id_claims}
-            identity = identity_from(base, userinfo)
+            identity = identity_from(base, userinfo, identity.provider, identity.issuer)
         updated = session.with_tokens(tokens, identity, now)
         # Saved before the lock is released: no replica can present the rotated-out token.
         # Only over the record this refresh started from: a session ended while the provider
         # answered (sign-out, revocation, back-channel logout, a refused grant elsewhere)
         # stays ended, and the tokens just obtained are revoked rather than kept.
         if not await self.save(ticket, updated, expected=raw):
-            return await self._lost_race(ticket, tokens)
+            return await self._lost_race(ticket, tokens, provider)
         self._failed.pop(ticket.store_key, None)
         self.on_refresh("success")
         return updated
 
-    async def _lost_race(self, ticket: Ticket, tokens: Tokens) -> Session:
+    async def _lost_race(self, ticket: Ticket, tokens: Tokens, provider: ProviderClient) -> Session:
         current = await self._read(ticket)
         if current is not None:
             # Rewritten by another process meanwhile (its lock had expired): use its record.
@@ -366,7 +400,7 @@ class SessionManager:
             return current
         log.info("session ended while its refresh was in flight; refreshed tokens dropped")
         if tokens.refresh_token:
-            await self.provider.revoke(tokens.refresh_token, "refresh_token")
+            await provider.revoke(tokens.refresh_token, "refresh_token")
         self.on_refresh("ended")
         raise SessionEnded()
 

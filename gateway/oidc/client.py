@@ -123,6 +123,11 @@ class ProviderClient:
     def loaded(self) -> bool:
         return self._meta is not None
 
+    @property
+    def loaded_metadata(self) -> ProviderMetadata | None:
+        """The metadata if loaded (no I/O)."""
+        return self._meta
+
     async def load(self) -> ProviderMetadata:
         """Discovery (or the configured endpoints) and the JWKS; raises on failure."""
         async with self._meta_lock:

@@ -2,7 +2,7 @@
 
 Stores hold opaque sealed bytes under opaque keys; they never see a cookie or a token in the
 clear. Beside each record they keep a small plaintext ``SessionMeta`` (sub, provider sid,
-times) and indexes from ``sub`` and provider ``sid`` to keys, so back-channel logout and
+times, provider id) and indexes from (provider, ``sub``) and (provider, ``sid``) to keys, so back-channel logout and
 ``gateway sessions`` find sessions without decrypting them.
 """
 
@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from gateway.config import SessionSettings
+from gateway.config import DEFAULT_PROVIDER_ID, SessionSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +24,16 @@ class SessionMeta:
     provider_sid: str | None
     created_at: float
     expires_at: float
+    # The session's provider id; the indexes key on (provider, sub) and (provider, sid).
+    provider: str = DEFAULT_PROVIDER_ID
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        data = asdict(self)
+        if self.provider == DEFAULT_PROVIDER_ID:
+            # Written as before: a replica still on the previous version reads it (rolling
+            # upgrade of a single-provider deployment).
+            del data["provider"]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> SessionMeta:
@@ -64,9 +71,17 @@ class SessionStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
-    async def keys_for_user(self, sub: str) -> list[SessionMeta]: ...
+    async def keys_for_user(
+        self, sub: str, provider: str = DEFAULT_PROVIDER_ID
+    ) -> list[SessionMeta]:
+        """The sessions of the user ``sub`` at ``provider`` (a sub is unique per issuer only)."""
+        ...
 
-    async def keys_for_sid(self, sid: str) -> list[SessionMeta]: ...
+    async def keys_for_sid(
+        self, sid: str, provider: str = DEFAULT_PROVIDER_ID
+    ) -> list[SessionMeta]:
+        """The sessions of the provider session ``sid`` at ``provider``."""
+        ...
 
     def all_sessions(self) -> AsyncIterator[SessionMeta]: ...
 

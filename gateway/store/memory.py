@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from gateway.config import DEFAULT_PROVIDER_ID
 from gateway.store.base import SessionMeta
 
 
@@ -53,11 +54,15 @@ class MemoryStore:
     def _metas(self) -> list[SessionMeta]:
         return [item[1] for key in list(self._records) if (item := self._live(key))]
 
-    async def keys_for_user(self, sub: str) -> list[SessionMeta]:
-        return [m for m in self._metas() if m.sub == sub]
+    async def keys_for_user(
+        self, sub: str, provider: str = DEFAULT_PROVIDER_ID
+    ) -> list[SessionMeta]:
+        return [m for m in self._metas() if m.sub == sub and m.provider == provider]
 
-    async def keys_for_sid(self, sid: str) -> list[SessionMeta]:
-        return [m for m in self._metas() if m.provider_sid == sid]
+    async def keys_for_sid(
+        self, sid: str, provider: str = DEFAULT_PROVIDER_ID
+    ) -> list[SessionMeta]:
+        return [m for m in self._metas() if m.provider_sid == sid and m.provider == provider]
 
     async def all_sessions(self) -> AsyncIterator[SessionMeta]:
         for meta in self._metas():

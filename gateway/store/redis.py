@@ -5,7 +5,8 @@ Layout, all under the configured prefix (default ``gw:``):
 - ``s:<key>``   the sealed session record, TTL = min(idle, absolute end)
 - ``m:<key>``   its plaintext ``SessionMeta`` (sub, provider sid, times), same TTL
 - ``u:<sub>`` / ``p:<sid>``  sets of keys; members whose record has expired are pruned
-  whenever an index is read, so the indexes stay consistent with expiry
+  whenever an index is read, so the indexes stay consistent with expiry. Both are per
+  provider: ``u:<id>:<sub>`` / ``p:<id>:<sid>`` for a provider other than ``default``
 - ``l:<name>``  cross-process locks (SET NX PX, released by compare-and-delete)
 - ``o:<name>``  replay caches (SET NX PX)
 - ``inval``     a pub/sub channel: the store key of every record deleted or rewritten, for
@@ -42,6 +43,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from gateway.config import DEFAULT_PROVIDER_ID
 from gateway.errors import StoreError
 from gateway.store.base import InvalidationListener, SessionMeta
 
@@ -215,13 +217,25 @@ class RedisStore:
             await pipe.execute()
         return True
 
+    def _user_index(self, sub: str, provider: str) -> str:
+        """``u:<hash sub>`` for provider ``default`` (the layout single-provider deployments
+        have always had), ``u:<provider>:<hash sub>`` for the others: a sub is unique only
+        per issuer, and a provider id never looks like a hash (no ``:`` in a hash)."""
+        scope = "" if provider == DEFAULT_PROVIDER_ID else provider + ":"
+        return self._p + "u:" + scope + _h(sub)
+
+    def _sid_index(self, sid: str, provider: str) -> str:
+        scope = "" if provider == DEFAULT_PROVIDER_ID else provider + ":"
+        return self._p + "p:" + scope + _h(sid)
+
     def _index_into(self, pipe: Any, meta: SessionMeta) -> None:
-        p = self._p
-        pipe.sadd(p + "u:" + _h(meta.sub), meta.key)
-        pipe.pexpire(p + "u:" + _h(meta.sub), _INDEX_TTL_MS)
+        users = self._user_index(meta.sub, meta.provider)
+        pipe.sadd(users, meta.key)
+        pipe.pexpire(users, _INDEX_TTL_MS)
         if meta.provider_sid:
-            pipe.sadd(p + "p:" + _h(meta.provider_sid), meta.key)
-            pipe.pexpire(p + "p:" + _h(meta.provider_sid), _INDEX_TTL_MS)
+            sids = self._sid_index(meta.provider_sid, meta.provider)
+            pipe.sadd(sids, meta.key)
+            pipe.pexpire(sids, _INDEX_TTL_MS)
 
     async def touch(self, key: str, ttl: float) -> None:
         ms = _ms(ttl)
@@ -240,9 +254,9 @@ class RedisStore:
             pipe.delete(p + "m:" + key)
             if raw:
                 meta = SessionMeta.from_json(raw)
-                pipe.srem(p + "u:" + _h(meta.sub), key)
+                pipe.srem(self._user_index(meta.sub, meta.provider), key)
                 if meta.provider_sid:
-                    pipe.srem(p + "p:" + _h(meta.provider_sid), key)
+                    pipe.srem(self._sid_index(meta.provider_sid, meta.provider), key)
             await pipe.execute()
             await self._publish(key)
 
@@ -256,7 +270,7 @@ class RedisStore:
 
     # -- indexes ---------------------------------------------------------------------------
 
-    async def _index(self, index: str) -> list[SessionMeta]:
+    async def _index(self, index: str, provider: str) -> list[SessionMeta]:
         async with self._op("index"):
             keys = sorted(k.decode() for k in await self._r.smembers(index))
             if not keys:
@@ -268,17 +282,21 @@ class RedisStore:
             for key, raw in zip(keys, raws, strict=True):
                 if raw is None:
                     stale.append(key)
-                else:
-                    metas.append(SessionMeta.from_json(raw))
+                elif (meta := SessionMeta.from_json(raw)).provider == provider:
+                    metas.append(meta)
             if stale:
                 await self._r.srem(index, *stale)
             return metas
 
-    async def keys_for_user(self, sub: str) -> list[SessionMeta]:
-        return await self._index(self._p + "u:" + _h(sub))
+    async def keys_for_user(
+        self, sub: str, provider: str = DEFAULT_PROVIDER_ID
+    ) -> list[SessionMeta]:
+        return await self._index(self._user_index(sub, provider), provider)
 
-    async def keys_for_sid(self, sid: str) -> list[SessionMeta]:
-        return await self._index(self._p + "p:" + _h(sid))
+    async def keys_for_sid(
+        self, sid: str, provider: str = DEFAULT_PROVIDER_ID
+    ) -> list[SessionMeta]:
+        return await self._index(self._sid_index(sid, provider), provider)
 
     async def all_sessions(self) -> AsyncIterator[SessionMeta]:
         # Not queued: the scan yields to its caller between commands (``gateway sessions``).
