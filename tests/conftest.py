@@ -160,12 +160,28 @@ def gateway_config(
         ],
         "observability": {"log_format": "text"},
     }
+    return with_sections(cfg, overrides)
+
+
+def with_sections(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with each overridden section merged into its own (a mapping) or replaced."""
     for section, value in overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(section), dict):
             cfg[section] = {**cfg[section], **value}
         else:
             cfg[section] = value
     return cfg
+
+
+def registration(public: str, backchannel_base: str | None = None) -> ClientRegistration:
+    """The test client at the dev provider, for a gateway whose public URL is ``public``."""
+    return ClientRegistration(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uris=(public + "/oauth2/callback",),
+        post_logout_redirect_uris=(public + "/oauth2/signed_out",),
+        backchannel_logout_uri=(backchannel_base or public) + "/oauth2/backchannel_logout",
+    )
 
 
 @dataclass

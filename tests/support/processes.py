@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.crypto import new_secret
-from gateway.devidp import ClientRegistration, DevIdpConfig, RunningIdp, demo_users, start_devidp
+from gateway.devidp import DevIdpConfig, RunningIdp, demo_users, start_devidp
 from gateway.echo import start_echo
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, free_port, gateway_config
+from tests.conftest import free_port, gateway_config, registration
 from tests.gateway_proc import GatewayProcess, gateway_command, start_gateway_process
 
 
@@ -33,15 +33,7 @@ async def gateway_pair(tmp_path: Path, redis_url: str, **session: Any) -> AsyncI
     idp = await start_devidp(
         DevIdpConfig(
             users=demo_users(),
-            clients=[
-                ClientRegistration(
-                    client_id=CLIENT_ID,
-                    client_secret=CLIENT_SECRET,
-                    redirect_uris=(public + "/oauth2/callback",),
-                    post_logout_redirect_uris=(public + "/oauth2/signed_out",),
-                    backchannel_logout_uri=public + "/oauth2/backchannel_logout",
-                )
-            ],
+            clients=[registration(public)],
             access_token_ttl=2,
             rotate_refresh_tokens=True,
         )
