@@ -36,11 +36,12 @@ CONFIGS = sorted(
 )
 EXPECTED_EXAMPLES = {
     "keycloak", "entra-id", "okta", "auth0", "google", "gitlab", "authentik", "dex",
-    "oauth2-no-discovery",
+    "oauth2-no-discovery", "several-providers",
 }  # fmt: skip
 # The ${VAR}s the example files read.
 CONFIG_ENV = {
     "OIDC_CLIENT_SECRET": "example-client-secret",
+    "PARTNER_CLIENT_SECRET": "example-client-secret",
     "COOKIE_SECRET": new_secret(),
     "REDIS_URL": "redis://:example-password@redis:6379/0",
 }
