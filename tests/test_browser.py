@@ -14,49 +14,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, Request, async_playwright
+from playwright.async_api import BrowserContext, Page, Request
 
 from gateway.echo import RunningEcho, start_echo
 from tests.conftest import RedisServer, Stack, StackFactory, free_port
+from tests.support.chromium import chromium_context
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-gpu",
-]
 DEEP_LINK = "/reports/2024?tab=summary"
-TIMEOUT_MS = 15_000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-async def chromium() -> AsyncIterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@pytest.fixture
-async def context(chromium: Browser) -> AsyncIterator[BrowserContext]:
-    ctx = await chromium.new_context(viewport={"width": 1000, "height": 760})
-    ctx.set_default_timeout(TIMEOUT_MS)
-    try:
+async def context() -> AsyncIterator[BrowserContext]:
+    async with chromium_context() as ctx:
         yield ctx
-    finally:
-        await ctx.close()
 
 
 async def _shot(page: Page, name: str) -> None:
