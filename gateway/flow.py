@@ -55,7 +55,10 @@ class LoginState:
         return flow_id_for(self.state)
 
     def seal(self, ring: KeyRing) -> str:
-        payload = json.dumps(asdict(self), separators=(",", ":")).encode()
+        data = asdict(self)
+        if self.provider == DEFAULT_PROVIDER_ID:
+            del data["provider"]  # as before: a replica on the previous version opens it
+        payload = json.dumps(data, separators=(",", ":")).encode()
         return ring.seal_text(payload, _PURPOSE + self.state.encode())
 
     @classmethod

@@ -14,6 +14,7 @@ import secrets
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from gateway.config import DEFAULT_PROVIDER_ID
 from gateway.crypto import Aead, KeyRing, OpenError, b64u_decode, b64u_encode
 
 SESSION_PURPOSE = b"gateway-session-ticket"
@@ -40,7 +41,7 @@ class Identity:
     # Who vouches for it: the provider id (``default`` for a single ``provider:``, and for
     # sessions stored before there could be several) and that provider's issuer. A ``sub``
     # is unique only per issuer.
-    provider: str = "default"
+    provider: str = DEFAULT_PROVIDER_ID
     issuer: str = ""
 
     def claim(self, name: str) -> Any:
@@ -104,6 +105,11 @@ class Session:
 
     def to_json(self) -> bytes:
         data = asdict(self)
+        if self.identity.provider == DEFAULT_PROVIDER_ID:
+            # The record as before there could be several providers, so a replica still on
+            # the previous version reads it (rolling upgrade); the issuer is filled in again
+            # from the config when read (``SessionManager``).
+            del data["identity"]["provider"], data["identity"]["issuer"]
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod

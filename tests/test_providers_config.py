@@ -218,3 +218,30 @@ async def test_the_default_providers_index_names_are_unchanged(redis_server: Red
         assert f"idx:u:corp:{h('alice')}" in {k.decode() for k in redis_server.keys("idx:u:*")}
     finally:
         await store.close()
+
+
+def test_records_of_the_default_provider_keep_the_previous_layout() -> None:
+    """A replica still on the previous version reads what this one writes for a single
+    provider (rolling upgrade): no new members in the session record or the flow cookie."""
+    from gateway.crypto import KeyRing, decode_secret
+    from gateway.flow import LoginState
+    from gateway.session import Identity, Session, Tokens
+
+    def session(identity: Identity) -> Session:
+        return Session("ab", identity, Tokens("at"), 1.0, 2.0)
+
+    old = session(Identity("alice", {"email": "a@example.com"}, issuer="https://idp.example"))
+    data = json.loads(old.to_json())
+    assert set(data["identity"]) == {"sub", "claims"}
+    assert Session.from_json(old.to_json()).identity.provider == "default"
+    new = session(Identity("alice", {}, provider="corp", issuer="https://idp.corp.example"))
+    assert Session.from_json(new.to_json()) == new
+
+    ring = KeyRing([decode_secret(new_secret())])
+    for provider, members in (("default", set()), ("partners", {"provider"})):
+        flow, _ = LoginState.new("/x", provider=provider)
+        raw = ring.open_text(flow.seal(ring), b"gateway-login-state:" + flow.state.encode())
+        assert set(json.loads(raw)) == {
+            "state", "nonce", "verifier", "return_to", "created_at", *members
+        }  # fmt: skip
+        assert LoginState.open(flow.seal(ring), flow.state, ring) == flow
