@@ -88,7 +88,11 @@ class Providers:
         return tuple(p for p in self._list if p.id in names)
 
     def allows(self, route: RouteSettings | None, provider_id: str) -> bool:
-        return any(p.id == provider_id for p in self.allowed(route))
+        """Whether a session of ``provider_id`` counts on ``route`` (on every request)."""
+        if route is not None and route.providers is not None:
+            if provider_id not in route.providers:
+                return False
+        return provider_id in self._by_id
 
     def bearer_for(self, route: RouteSettings, token: str) -> Provider | None:
         """The provider that checks a bearer token on ``route`` (None: refuse it, 401).
