@@ -94,16 +94,17 @@ class SessionManager:
         settings: SessionSettings,
         store: SessionStore,
         ring: KeyRing,
-        providers: Providers | ProviderClient | None,
+        provider: Providers | ProviderClient | None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.ring = ring
-        # A bare client is a single provider (``default``); refresh asks a session's own.
-        if isinstance(providers, ProviderClient):
-            providers = Providers.single(providers)
-        self.providers = providers if providers is not None else Providers(())
+        # Every configured provider (a bare client is a single provider, ``default``):
+        # refresh asks each session's own.
+        if isinstance(provider, ProviderClient):
+            provider = Providers.single(provider)
+        self.providers = provider if provider is not None else Providers(())
         self.clock = clock
         self._touched: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[Session]] = {}
