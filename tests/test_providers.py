@@ -20,8 +20,9 @@ import yaml
 
 from gateway import keys
 from gateway.devidp.tokens import BACKCHANNEL_EVENT
-from tests.conftest import CLIENT_ID, RedisServer
-from tests.support.browser import fetch, new_browser, query_of, with_query
+from gateway.echo import RunningEcho
+from tests.conftest import CLIENT_ID, RedisServer, StackFactory
+from tests.support.browser import fetch, login, new_browser, query_of, with_query
 from tests.support.calls import API, call, upstream_headers
 from tests.support.processes import gateway
 from tests.support.providers import (
@@ -413,3 +414,18 @@ async def test_a_bearer_jwt_is_checked_by_the_provider_its_iss_names(multi: Mult
         assert await status_of("opaque-token-value") == 401
         assert multi.partners.state.introspect_calls == 1
         assert multi.corp.state.introspect_calls == before == 0
+
+
+async def test_a_single_provider_is_default_in_headers_and_the_assertion(
+    make_stack: StackFactory, echo: RunningEcho, browser: aiohttp.ClientSession
+) -> None:
+    headers = {"X-Provider": "provider", "X-Issuer": "iss", "X-Forwarded-User": "sub"}
+    route = {"prefix": "/", "upstream": str(echo.url), "identity_headers": headers}
+    stack = await make_stack(echo=echo, routes=[{**route, "assertion": True}])
+    await login(browser, stack)
+    status, seen = await echo_headers(browser, stack.url + "/x")
+    assert status == 200
+    assert seen["x-provider"] == "default"
+    assert seen["x-issuer"] == stack.idp.issuer
+    claims = jwt.decode(seen["x-gateway-assertion"], options={"verify_signature": False})
+    assert (claims["provider"], claims["provider_iss"]) == ("default", stack.idp.issuer)
