@@ -441,7 +441,9 @@ def startup_line(settings: Settings, sock: socket.socket, workers: int) -> None:
         shown,
         port,
         workers,
-        ", ".join(ref.settings.issuer or ref.id for ref in settings.provider_refs),
+        settings.provider.issuer
+        if settings.provider is not None
+        else ", ".join(f"{ref.id}={ref.settings.issuer}" for ref in settings.provider_refs),
         settings.session.store,
     )
 
