@@ -33,6 +33,14 @@ def gateway_command() -> list[str]:
     return [sys.executable, "-m", "gateway.cli"]
 
 
+def command_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without any GATEWAY_* variable (none of ours may override the config
+    under test), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(extra or {})
+    return env
+
+
 @dataclass
 class GatewayProcess:
     url: str
@@ -71,10 +79,7 @@ async def start_gateway_process(
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log_path = workdir / f"{name}.log"
-    # No GATEWAY_* variable of the caller may override the file under test.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra_env or {})
+    env = command_env({"PYTHONUNBUFFERED": "1", **(extra_env or {})})
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *gateway_command(), "run", "--config", str(config_path), *args,

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -17,18 +15,17 @@ import yaml
 from gateway.config import validate
 from gateway.healthcheck import healthz_url
 from tests.conftest import RedisServer, Stack, free_port, gateway_config
-from tests.gateway_proc import gateway_command, start_gateway_process
+from tests.gateway_proc import command_env, gateway_command, start_gateway_process
 from tests.idp_client import http_login
+from tests.support.processes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    full_env.update(env or {})
     proc = await asyncio.create_subprocess_exec(
-        *gateway_command(), *args, env=full_env, cwd=ROOT,
+        *gateway_command(), *args, env=command_env(env), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -39,30 +36,6 @@ async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
         raise
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-@contextlib.asynccontextmanager
-async def serving(*args: str, port: int, env: dict[str, str] | None = None) -> AsyncIterator[None]:
-    """Run a long-lived ``gateway`` subcommand until its port answers; stop it by its PID."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    full_env.update(env or {})
-    proc = await asyncio.create_subprocess_exec(
-        *gateway_command(), *args, env=full_env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        for _ in range(300):
-            assert proc.returncode is None, "exited early"
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            await asyncio.sleep(0.05)
-        yield
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await asyncio.wait_for(proc.wait(), 10)
 
 
 def _free_triple() -> int:

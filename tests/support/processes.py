@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +15,12 @@ from gateway.crypto import new_secret
 from gateway.devidp import DevIdpConfig, RunningIdp, demo_users, start_devidp
 from gateway.echo import start_echo
 from tests.conftest import free_port, gateway_config, registration
-from tests.gateway_proc import GatewayProcess, gateway_command, start_gateway_process
+from tests.gateway_proc import (
+    GatewayProcess,
+    command_env,
+    gateway_command,
+    start_gateway_process,
+)
 
 
 @dataclass
@@ -58,12 +63,33 @@ async def gateway_pair(tmp_path: Path, redis_url: str, **session: Any) -> AsyncI
         await idp.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(*args: str, port: int, env: dict[str, str] | None = None) -> AsyncIterator[None]:
+    """Run a long-lived ``gateway`` subcommand until its port answers; stop it by its PID."""
+    proc = await asyncio.create_subprocess_exec(
+        *gateway_command(), *args, env=command_env(env),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(300):
+            assert proc.returncode is None, "exited early"
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            await asyncio.sleep(0.05)
+        yield
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
 async def gateway_cli(*args: str) -> tuple[int, str]:
     """Run the ``gateway`` command; no GATEWAY_* variable of ours may override its config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     proc = await asyncio.create_subprocess_exec(
         *gateway_command(), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=command_env(),
     )  # fmt: skip
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode()
@@ -74,9 +100,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 async def gateway(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run the gateway command; return (exit code, stdout, stderr)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    full_env["PYTHONPATH"] = str(ROOT)
-    full_env.update(env or {})
+    full_env = command_env({"PYTHONPATH": str(ROOT), **(env or {})})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", *args,
         cwd=cwd, env=full_env,
