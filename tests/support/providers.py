@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -23,6 +23,15 @@ from tests.support.browser import Answer, fetch
 
 COOKIE = "gw_multi"
 PROVIDER_HEADERS = {"X-Provider": "provider", "X-Issuer": "iss", "X-Forwarded-User": "sub"}
+
+
+class Gateway(Protocol):
+    """A gateway in front of providers by id (in this process, or processes)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def idp_url(self, provider: str) -> str: ...
 
 
 @dataclass
@@ -44,6 +53,9 @@ class Multi:
     def partners(self) -> RunningIdp:
         return self.idps["partners"]
 
+    def idp_url(self, provider: str) -> str:
+        return self.idps[provider].url
+
     def code_exchanges(self, provider: str) -> int:
         """How many authorization codes that provider's token endpoint was sent."""
         return self.idps[provider].state.token_calls["authorization_code"]
@@ -61,8 +73,9 @@ async def _idp(public: str, **cfg: Any) -> RunningIdp:
 
 
 def multi_config(
-    url: str, idps: dict[str, RunningIdp], echo_url: str, redis_url: str, **overrides: Any
+    url: str, issuers: dict[str, str], echo_url: str, redis_url: str, **overrides: Any
 ) -> dict[str, Any]:
+    """The gateway's config: ``providers`` by id (each its issuer), and the routes."""
     names = {"corp": "Corporate sign-in", "partners": "Partner sign-in"}
     cfg: dict[str, Any] = {
         "server": {
@@ -75,12 +88,12 @@ def multi_config(
             {
                 "id": pid,
                 "display_name": names[pid],
-                "issuer": idp.issuer,
+                "issuer": issuer,
                 "client_id": CLIENT_ID,
                 "client_secret": CLIENT_SECRET,
                 "scopes": ["openid", "email", "profile", "offline_access"],
             }
-            for pid, idp in idps.items()
+            for pid, issuer in issuers.items()
         ],
         "session": {
             "store": "redis",
@@ -128,7 +141,8 @@ async def start_multi(
             started.append(idps[pid])
         echo = await start_echo()
         started.append(echo)
-        cfg = multi_config(url, idps, str(echo.url), redis_url, **overrides)
+        issuers = {pid: idp.issuer for pid, idp in idps.items()}
+        cfg = multi_config(url, issuers, str(echo.url), redis_url, **overrides)
         settings = validate(cfg, env={})
         app = create_app(settings)
         runner = web.AppRunner(app, access_log=None)
@@ -142,7 +156,7 @@ async def start_multi(
 
 
 async def authorization_url(
-    http: aiohttp.ClientSession, multi: Multi, provider: str, rd: str = "/"
+    http: aiohttp.ClientSession, multi: Gateway, provider: str, rd: str = "/"
 ) -> str:
     """``/oauth2/start?provider=…``: the chosen provider's authorization URL."""
     answer = await fetch(
@@ -150,12 +164,12 @@ async def authorization_url(
     )
     assert answer.status == 302, answer.body
     assert answer.location is not None
-    assert answer.location.startswith(multi.idps[provider].url + "/authorize?")
+    assert answer.location.startswith(multi.idp_url(provider) + "/authorize?")
     return answer.location
 
 
 async def callback_at(
-    http: aiohttp.ClientSession, multi: Multi, provider: str, user: str = "alice", rd: str = "/"
+    http: aiohttp.ClientSession, multi: Gateway, provider: str, user: str = "alice", rd: str = "/"
 ) -> str:
     """Sign in at ``provider`` up to (not including) the callback: its URL."""
     auth_url = await authorization_url(http, multi, provider, rd)
@@ -165,7 +179,7 @@ async def callback_at(
 
 
 async def login_at(
-    http: aiohttp.ClientSession, multi: Multi, provider: str, user: str = "alice", rd: str = "/"
+    http: aiohttp.ClientSession, multi: Gateway, provider: str, user: str = "alice", rd: str = "/"
 ) -> Answer:
     """A whole login with ``provider``; the callback's answer (302 to ``rd`` when it worked)."""
     answer = await fetch(http, await callback_at(http, multi, provider, user, rd))
