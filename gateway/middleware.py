@@ -29,6 +29,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.logs import json_line, json_stream_handler, write_line
 from gateway.metrics import OWN_ROUTE
 from gateway.pages import error_response
 
@@ -168,15 +169,27 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
 def log_access(method: str, path: str, status: int, fields: dict[str, object]) -> None:
     """Write the ``gateway.access`` record (``METHOD PATH STATUS`` and ``fields`` as extras).
 
-    Every field is escaped by the formatter (gateway.logs), whatever the client sent. The
-    record is made here rather than by ``log.info``, which would walk the stack for the
-    caller's file and line on every request: they are always the ``access_log`` middleware's.
+    Every field is escaped (gateway.logs), whatever the client sent. When the record would
+    only reach the one JSON stream handler, the line is made and written here, the same text
+    the formatter would make, without a ``LogRecord``; otherwise the record is made here
+    rather than by ``log.info``, which would walk the stack for the caller's file and line on
+    every request: they are always the ``access_log`` middleware's.
     """
-    record = log.makeRecord(
+    handler = json_stream_handler(log)
+    if handler is not None:
+        line = json_line(time.time(), "INFO", log.name, f"{method} {path} {status}", fields.items())
+        write_line(handler, line, lambda: _access_record(method, path, status, fields))
+    else:
+        log.handle(_access_record(method, path, status, fields))
+
+
+def _access_record(
+    method: str, path: str, status: int, fields: dict[str, object]
+) -> logging.LogRecord:
+    return log.makeRecord(
         log.name, logging.INFO, __file__, _ACCESS_LOG_LINE, "%s %s %s",
         (method, path, status), None, "access_log", fields,
     )  # fmt: skip
-    log.handle(record)
 
 
 _ACCESS_LOG_LINE = access_log.__code__.co_firstlineno

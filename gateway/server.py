@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -367,6 +368,21 @@ async def _close_generation(gen: _Generation) -> None:
         await gen.app.cleanup()
     except Exception:
         log.exception("closing the previous config's clients failed")
+    # The old app was frozen with everything else: unfreeze so its cycles can be freed.
+    gc.unfreeze()
+    freeze_heap()
+
+
+def freeze_heap() -> None:
+    """Collect once, then move every object that exists now (modules, settings, the app, its
+    clients and compiled routes) out of the cyclic garbage collector's sight (``gc.freeze``).
+
+    Requests allocate enough for the collector to run often; each full collection used to
+    walk this whole long-lived heap (about 14% of a worker's CPU under load, and the p99's
+    pauses). Called once the app serves, and again after a reload retired the old app.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:
@@ -480,6 +496,7 @@ async def _serve(
         loop.add_signal_handler(sig, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await gateway.start(sock)
+    freeze_heap()
     started = True
     if signal.SIGHUP in pending:
         on_hup()
