@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 
@@ -118,13 +118,26 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         response.headers["X-Request-Id"] = rid
 
 
+def request_id(sent: str) -> str:
+    """The client's ``X-Request-Id`` when well-formed, else a new random one (32 hex digits)."""
+    if _REQUEST_ID_RE.match(sent):
+        return sent
+    if not _random_ids:
+        # One getrandom call for the next 256 ids rather than one per request.
+        pool = os.urandom(16 * 256).hex()
+        _random_ids.extend(pool[i : i + 32] for i in range(0, len(pool), 32))
+    return _random_ids.pop()
+
+
+_random_ids: list[str] = []
+os.register_at_fork(after_in_child=_random_ids.clear)  # a worker never repeats its parent's
+
+
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id (passed through when well-formed, else generated), one log line a request,
     and the request metrics."""
-    rid = request.headers.get("X-Request-Id", "")
-    if not _REQUEST_ID_RE.match(rid):
-        rid = secrets.token_hex(16)
+    rid = request_id(request.headers.get("X-Request-Id", ""))
     request[keys.REQUEST_ID] = rid
     start = time.perf_counter()
     status = 500

@@ -821,3 +821,26 @@ def test_access_line_is_written_without_a_record_and_is_the_formatters_line(
         middleware.log_access("GET", "/x", 200, fields)
     assert buf.getvalue() == ""
     assert len(made) == 2  # the expected line's record, then the filtered one
+
+
+def test_generated_request_ids_are_random_hex_and_a_forked_worker_draws_its_own() -> None:
+    import os
+
+    from gateway.middleware import request_id
+
+    assert request_id("client-id.1") == "client-id.1"
+    ids = [request_id("bad id\n") for _ in range(600)]  # more than one batch of 256
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == 600
+    parent_next = request_id("")  # the parent's pool is not empty now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its first id and leave at once
+        os.write(write, request_id("").encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert re.fullmatch(r"[0-9a-f]{32}", child)
+    assert child != request_id("") and child not in ids and child != parent_next
