@@ -341,6 +341,7 @@ async def test_the_heap_is_frozen_and_a_retired_apps_cycles_are_freed() -> None:
 
     from gateway.server import _close_generation, _Generation, freeze_heap
 
+    threshold = gc.get_threshold()
     app = web.Application()
     app.freeze()
     cycle = _Cycle()
@@ -348,6 +349,7 @@ async def test_the_heap_is_frozen_and_a_retired_apps_cycles_are_freed() -> None:
     try:
         freeze_heap()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == 10_000
         del cycle
         gc.collect()
         assert gone() is not None  # frozen: out of the collector's sight
@@ -356,3 +358,4 @@ async def test_the_heap_is_frozen_and_a_retired_apps_cycles_are_freed() -> None:
         assert gone() is None
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
