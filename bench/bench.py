@@ -900,13 +900,8 @@ def render(res: Results) -> str:
                 "*CPU µs/request*: utime+stime of all the proxy's processes over the round, divided by "
                 "its requests. Unlike req/s it does not depend on how much CPU other processes left "
                 f"free; bare ÷ gateway CPU per request ({b_cpu / g_cpu:.2f} here) is the throughput "
-                "ratio to expect on a quiet machine where both are CPU-bound.", "",
-                "Every round:", "",
-                "| round | target | req/s | p50 ms | p99 ms | CPU µs/request | requests | errors |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        out += [f"| {r.label} | {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                f"{r.cpu_us:,.0f} | {r.requests:,} | {r.errors or 'none'} |" for r in res.rounds]  # fmt: skip
-        out.append("")
+                "ratio to expect on a quiet machine where both are CPU-bound.", ""]  # fmt: skip
+        out += every_round(res.rounds)
 
     if res.rounds and res.layers:
         out += layers_table(res)
@@ -1002,14 +997,17 @@ def layers_table(res: Results) -> list[str]:
            "session cache, refresh and policy checks, idle touch, identity headers, the access "
            "token header |", "",
            f"The 0.85x goal allows the gateway {budget:,.0f} µs per request (the bare proxy's "
-           f"{bare:,.0f} ÷ 0.85), {budget - bare:,.0f} µs more than the bare proxy.", "",
-           "Every round:", "",
+           f"{bare:,.0f} ÷ 0.85), {budget - bare:,.0f} µs more than the bare proxy.", ""]  # fmt: skip
+    return out + every_round(res.layers)
+
+
+def every_round(rounds: list[Round]) -> list[str]:
+    out = ["Every round:", "",
            "| round | target | req/s | p50 ms | p99 ms | CPU µs/request | requests | errors |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     out += [f"| {r.label} | {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-            f"{r.cpu_us:,.0f} | {r.requests:,} | {r.errors or 'none'} |" for r in res.layers]  # fmt: skip
-    out.append("")
-    return out
+            f"{r.cpu_us:,.0f} | {r.requests:,} | {r.errors or 'none'} |" for r in rounds]  # fmt: skip
+    return [*out, ""]
 
 
 def parse(argv: list[str] | None = None) -> Options:
