@@ -46,9 +46,10 @@ _UNSENDABLE_CLOSE = {1005: 1000, 1006: 1011, 1015: 1011}
 _WS_CLOSE_TIMEOUT = 5.0
 # An upstream answer with a Content-Length up to this is read whole and answered in one
 # write (status line, headers and body), like a plain aiohttp proxy; a larger or unknown
-# length streams chunk by chunk with back-pressure. Bounds the memory a buffered answer
-# holds per connection.
-BUFFER_LIMIT = 256 * 1024
+# length streams chunk by chunk with back-pressure. It bounds what a client that does not
+# read can make a connection hold: about what the streamed relay's transport buffer holds
+# before it waits for the client anyway.
+BUFFER_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
