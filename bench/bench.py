@@ -363,6 +363,38 @@ def start_stack(procs: Procs, workdir: Path, workers: int) -> Stack:
                  config, workers)  # fmt: skip
 
 
+# The gateway's cost by layer: the same gateway with parts of the hot path switched off by
+# configuration, each a `gateway run --workers N` of its own on the same Redis, backend and
+# provider. (target name, route settings, log level)
+LAYERS = (
+    ("public, no log", {"auth": "none"}, "warning"),
+    ("public", {"auth": "none"}, "info"),
+)
+
+
+def start_layers(procs: Procs, workdir: Path, stack: Stack) -> dict[str, tuple[str, int]]:
+    """The LAYERS gateways: target name -> (URL, parent pid)."""
+    started: dict[str, tuple[str, int]] = {}
+    for i, (name, route, level) in enumerate(LAYERS):
+        port = free_port()
+        config = json.loads(json.dumps(stack.config))
+        config["server"].update(port=port, public_url=f"http://127.0.0.1:{port}")
+        config["routes"][0].update(route)
+        config["observability"]["log_level"] = level
+        path = workdir / f"gateway-layer-{i}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = [*gateway_command(), "run", "--config", str(path), "--workers", str(stack.workers)]
+        proc = procs.start(f"gateway-layer-{i}", argv)
+        url = f"http://127.0.0.1:{port}"
+        ready = f"{url}/readyz"
+        wait_until(f"the {name} gateway", lambda u=ready: http_get(u)[0] == 200, proc, 60)
+        if stack.workers > 1:
+            kids = proc.pid
+            wait_until("every worker", lambda k=kids: len(children_of(k)) >= stack.workers, proc)
+        started[name] = (url, proc.pid)
+    return started
+
+
 def uses_uvloop(pids: list[int]) -> bool:
     """Whether every one of these processes runs a libuv loop: libuv wakes its loop through
     an eventfd, asyncio's own loop through a socket pair."""
@@ -696,6 +728,7 @@ class Results:
     versions: dict[str, str] = field(default_factory=dict)
     setup: dict[str, str] = field(default_factory=dict)
     rounds: list[Round] = field(default_factory=list)
+    layers: list[Round] = field(default_factory=list)
     stored: list[dict[str, Any]] = field(default_factory=list)
     logins: dict[str, Any] = field(default_factory=dict)
     memory: list[tuple[str, str, str]] = field(default_factory=list)
@@ -722,8 +755,14 @@ async def run(opts: Options, procs: Procs, workdir: Path, res: Results) -> None:
         log("logged in; warming up")
         pair(procs, Options(**{**opts.__dict__, "duration": 3}), stack, "warm-up", cookie)
 
+    log("starting the layer gateways (public route; public route without access log)")
+    layers = start_layers(procs, workdir, stack)
     for i in range(opts.rounds):
         res.rounds += pair(procs, opts, stack, f"round {i + 1}", cookie)
+        for name, (url, pid) in layers.items():
+            pids = [pid, *children_of(pid)]
+            headers = {"Cookie": f"{COOKIE}={cookie}"}  # sent as by a browser; not read
+            res.layers.append(wrk(procs, opts, f"round {i + 1}", name, url + "/", headers, pids))
 
     log(f"logins: {opts.logins} with {opts.login_concurrency} at a time")
     res.logins = await logins(stack, opts.logins, opts.login_concurrency)
@@ -861,13 +900,11 @@ def render(res: Results) -> str:
                 "*CPU µs/request*: utime+stime of all the proxy's processes over the round, divided by "
                 "its requests. Unlike req/s it does not depend on how much CPU other processes left "
                 f"free; bare ÷ gateway CPU per request ({b_cpu / g_cpu:.2f} here) is the throughput "
-                "ratio to expect on a quiet machine where both are CPU-bound.", "",
-                "Every round:", "",
-                "| round | target | req/s | p50 ms | p99 ms | CPU µs/request | requests | errors |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        out += [f"| {r.label} | {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                f"{r.cpu_us:,.0f} | {r.requests:,} | {r.errors or 'none'} |" for r in res.rounds]  # fmt: skip
-        out.append("")
+                "ratio to expect on a quiet machine where both are CPU-bound.", ""]  # fmt: skip
+        out += every_round(res.rounds)
+
+    if res.rounds and res.layers:
+        out += layers_table(res)
 
     out += ["## Stored sessions", "", "Redis filled with genuine sealed records (random ids, the "
             "logged-in session's size), then one bare and one gateway round.", "",
@@ -935,6 +972,42 @@ def render(res: Results) -> str:
         out += [f"| {f} | {a} | {m:,.1f} |" for f, a, m in res.top]
         out.append("")
     return "\n".join(out)
+
+
+def layers_table(res: Results) -> list[str]:
+    """CPU per request of the bare proxy, the layer gateways and the full gateway (medians)."""
+    bare = _median(res.rounds, "bare", "cpu_us")
+    skeleton = _median(res.layers, "public, no log", "cpu_us")
+    logged = _median(res.layers, "public", "cpu_us")
+    full = _median(res.rounds, "gateway", "cpu_us")
+    budget = bare / 0.85
+    out = ["## The gateway's CPU per request, layer by layer", "",
+           "The same gateway with parts of the hot path switched off by configuration, each "
+           "its own `gateway run` with the same workers, in the same rounds (median CPU µs per "
+           "request; see bench/README.md).", "",
+           "| target | CPU µs/request | added by the layer | what the layer is |",
+           "|---|---|---|---|",
+           f"| bare aiohttp proxy | {bare:,.0f} | | aiohttp's server and client, one handler |",
+           f"| gateway, public route, access log off | {skeleton:,.0f} | {skeleton - bare:+,.0f} | "
+           "the gateway's pipeline without authentication or logging: middlewares, request id, "
+           "path normalisation, route match, header rules both ways, metrics, the relay, "
+           "`gateway run`'s server |",
+           f"| + the access log | {logged:,.0f} | {logged - skeleton:+,.0f} | one JSON line a request |",
+           f"| + authentication (valid session) | {full:,.0f} | {full - logged:+,.0f} | cookie, "
+           "session cache, refresh and policy checks, idle touch, identity headers, the access "
+           "token header |", "",
+           f"The 0.85x goal allows the gateway {budget:,.0f} µs per request (the bare proxy's "
+           f"{bare:,.0f} ÷ 0.85), {budget - bare:,.0f} µs more than the bare proxy.", ""]  # fmt: skip
+    return out + every_round(res.layers)
+
+
+def every_round(rounds: list[Round]) -> list[str]:
+    out = ["Every round:", "",
+           "| round | target | req/s | p50 ms | p99 ms | CPU µs/request | requests | errors |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out += [f"| {r.label} | {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"{r.cpu_us:,.0f} | {r.requests:,} | {r.errors or 'none'} |" for r in rounds]  # fmt: skip
+    return [*out, ""]
 
 
 def parse(argv: list[str] | None = None) -> Options:

@@ -35,7 +35,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import log_access
 from gateway.policy import RouteTable, check_requirements, normalize_path
 from gateway.proxy import ProxyTarget, upstream_url
-from gateway.routes import identity_headers, protected_header_names
+from gateway.routes import Routes, identity_headers, protected_header_names
 from gateway.session import Ticket
 from gateway.sessions import SessionManager
 from gateway.store.redis import RedisStore
@@ -128,9 +128,9 @@ async def measure(
         with _access_log_to_null():
             add("access-log line (JSON, to /dev/null)",
                 best(lambda: log_access("GET", "/", 200, dict(extra)), n),
-                "`middleware.log_access`: the record, the escaping JSON formatter, the write")  # fmt: skip
+                "`middleware.log_access`: the line made directly (`logs.json_line`, no `LogRecord`), written and flushed")  # fmt: skip
         add("request id (validate the client's, else generate)",
-            best(lambda: _request_id(headers), n), "regex match + `secrets.token_hex(16)`")  # fmt: skip
+            best(lambda: _request_id(headers), n), "`middleware.request_id`: regex match, else an id from a pool of random bytes")  # fmt: skip
         add("metrics observe", best(lambda: metrics.observe("/", 200, 0.002), n),
             "`Metrics.observe`: counter + histogram children, bound once per route and status")  # fmt: skip
 
@@ -139,15 +139,15 @@ async def measure(
             best(lambda: routes.match(normalize_path("/")), n), "`normalize_path`, `RouteTable.match`")  # fmt: skip
         add("cookie open (ticket AEAD)", best(lambda: Ticket.from_cookie(cookie, ring), n),
             "`Ticket.from_cookie`: base64 + AES-GCM open under the cookie key ring")  # fmt: skip
-        add(
-            "store key (SHA-256 of the id)", best(lambda: ticket.store_key, n), "`Ticket.store_key`"
-        )
+        add("store key (SHA-256 of the id)",
+            best(lambda: Ticket(ticket.session_id, ticket.key).store_key, n),
+            "a `Ticket` made and its `store_key` (worked out once, when the ticket is made)")  # fmt: skip
         add("store load (Redis GET round trip)", await abest(lambda: store.load(key), n_io),
             "`RedisStore.load` against the benchmark's redis-server on loopback")  # fmt: skip
         add("record open (AEAD + JSON → Session)", best(lambda: ticket.open_record(raw), n),
             "`Ticket.open_record`: AES-GCM open, `json.loads`, dataclasses")  # fmt: skip
         add("SessionManager.open (repeat request)", await abest(lambda: sessions.open(cookie), n_io),
-            "cookie open + a session-cache hit (a miss adds the store load and record open)")  # fmt: skip
+            "a remembered cookie (its ticket and store key) + a session-cache hit; a new cookie adds the cookie open, a miss the store load and record open")  # fmt: skip
         add("touch (rate-limited, no write)", await abest(lambda: sessions.touch(loaded), n),
             "`SessionManager.touch` when the last touch is recent (the usual case)")  # fmt: skip
         cache = sessions.cache
@@ -161,8 +161,12 @@ async def measure(
             "`check_requirements` (no `require` on the route)")  # fmt: skip
 
         # -- forwarding --------------------------------------------------------------------
-        add("identity headers", best(lambda: identity_headers(mapping, session.identity), n),
-            "`CompiledRoute.identity`: claims → X-Forwarded-* values")  # fmt: skip
+        add("identity headers (worked out)",
+            best(lambda: identity_headers(mapping, session.identity), n),
+            "`routes.identity_headers`: claims → X-Forwarded-* values")  # fmt: skip
+        compiled = Routes(settings, lambda _: None).compiled[0]  # type: ignore[arg-type,return-value]
+        add("identity headers (kept)", best(lambda: compiled.identity(session.identity), n),
+            "`CompiledRoute.identity` for the same `Identity` again (a cached session): a copy of the kept headers")  # fmt: skip
         inject = identity_headers(mapping, session.identity)
 
         def target() -> ProxyTarget:
@@ -190,12 +194,9 @@ async def measure(
 
 
 def _request_id(headers: CIMultiDictProxy[str]) -> str:
-    import secrets
+    from gateway.middleware import request_id
 
-    from gateway.middleware import _REQUEST_ID_RE
-
-    rid = headers.get("X-Request-Id", "")
-    return rid if _REQUEST_ID_RE.match(rid) else secrets.token_hex(16)
+    return request_id(headers.get("X-Request-Id", ""))
 
 
 async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:

@@ -54,7 +54,7 @@ async def open_session(request: web.Request) -> Loaded | None:
     if opened is None:
         app = request.app
         with app[keys.TRACING].span("session.load"):
-            loaded = await app[keys.SESSIONS].open(request.cookies.get(app[keys.COOKIES].name))
+            loaded = await app[keys.SESSIONS].open(app[keys.COOKIES].session_value(request))
         opened = _Opened(loaded)
         request[_OPENED] = opened
     return opened.loaded

@@ -5,12 +5,17 @@ rfc6265bis §4.1.3.2: a ``__Host-`` cookie must be Secure, have Path=/ and no Do
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from gateway.config import SessionSettings
 from gateway.headers import OwnCookies
+
+# ``CookiePolicy.session_value`` remembers at most this many Cookie headers, each at most
+# ``_KEPT_HEADER`` characters long (a bound on what a flood of distinct headers can hold).
+_KEPT_HEADERS = 1024
+_KEPT_HEADER = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +23,10 @@ class CookiePolicy:
     name: str
     secure: bool
     samesite: str
+    # Cookie header -> the session cookie's value in it (see ``session_value``).
+    _values: dict[str, str | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_settings(cls, s: SessionSettings) -> CookiePolicy:
@@ -39,6 +48,21 @@ class CookiePolicy:
         (any case, ``__Host-``/``__Secure-`` variants): never sent upstream, never set by it."""
         return OwnCookies((self.name, self.logout_name), (self.login_prefix,))
 
+    def session_value(self, request: web.BaseRequest) -> str | None:
+        """The session cookie's value, exactly as ``request.cookies`` reads it, remembered
+        per Cookie header: a browser sends the same header with every request, and parsing
+        it (aiohttp's RFC 6265 parser, every cookie made a ``Morsel``) costs more than the
+        rest of finding the session."""
+        header = request.headers.get("Cookie", "")
+        value = self._values.get(header, _UNSEEN)
+        if value is _UNSEEN:
+            value = request.cookies.get(self.name)
+            if len(header) <= _KEPT_HEADER:
+                if len(self._values) >= _KEPT_HEADERS:
+                    self._values.clear()
+                self._values[header] = value
+        return value  # type: ignore[return-value]
+
     def set(self, resp: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:
         resp.set_cookie(
             name,
@@ -55,3 +79,6 @@ class CookiePolicy:
             name, "", max_age=0, expires="Thu, 01 Jan 1970 00:00:00 GMT", path="/",
             secure=self.secure, httponly=True, samesite=self.samesite,
         )  # fmt: skip
+
+
+_UNSEEN = object()

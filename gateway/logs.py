@@ -23,7 +23,7 @@ import math
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -31,6 +31,7 @@ import aiohttp
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
+LogRecordMaker = Callable[[], logging.LogRecord]
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -170,6 +171,64 @@ def _logfmt(value: Any) -> str:
 _JSON_SKIP = frozenset(RESERVED_ATTRS) | {"asctime", "levelname", "name", "message"}
 
 
+def json_line(
+    created: float, level: str, logger: str, message: str, fields: Iterable[tuple[str, Any]]
+) -> str:
+    """The JSON line of a record without exception or stack (``EscapingJsonFormatter``):
+    time, level, logger and message first, then ``fields`` in order, every string escaped."""
+    data: dict[str, Any] = {
+        "time": iso_time(created),
+        "level": _clean(level),
+        "logger": _clean(logger),
+        "message": _clean(message),
+    }
+    for key, value in fields:
+        if type(value) is not str or not value.isprintable() or "\\" in value:
+            value = _clean(value)
+        data[key if key.isprintable() and "\\" not in key else escape(key)] = value
+    return json.dumps(data)
+
+
+def json_stream_handler(logger: logging.Logger) -> logging.StreamHandler[IO[str]] | None:
+    """The handler an INFO record of ``logger`` reaches, when that is all that happens to it:
+    one plain ``StreamHandler`` with the ``EscapingJsonFormatter``, no filter on the way, no
+    other handler. None otherwise (a test's capture, a filter, the text format...): the
+    record must then take the ``logging`` way."""
+    if logger.filters or logger.disabled:
+        return None
+    found: list[logging.Handler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        found += node.handlers
+        if not node.propagate:
+            break
+        node = node.parent
+    if len(found) != 1:
+        return None
+    handler = found[0]
+    if (
+        type(handler) is not logging.StreamHandler
+        or handler.filters
+        or handler.level > logging.INFO
+        or type(handler.formatter) is not EscapingJsonFormatter
+    ):
+        return None
+    return handler
+
+
+def write_line(handler: logging.StreamHandler[IO[str]], line: str, record: LogRecordMaker) -> None:
+    """What ``Handler.handle`` and ``StreamHandler.emit`` do with a formatted record: the
+    line and the terminator written and flushed under the handler's lock; a failure goes to
+    ``handleError`` with the record ``record()`` makes, as ``emit`` would report it."""
+    with handler.lock:  # type: ignore[union-attr]
+        try:
+            stream = handler.stream
+            stream.write(line + handler.terminator)
+            stream.flush()
+        except Exception:
+            handler.handleError(record())
+
+
 class EscapingJsonFormatter(JsonFormatter):
     """JSON lines whose string values hold no control character even once decoded.
 
@@ -191,19 +250,10 @@ class EscapingJsonFormatter(JsonFormatter):
         if record.exc_info or record.exc_text or record.stack_info or isinstance(record.msg, dict):
             return super().format(record)
         message = record.message = record.getMessage()
-        data: dict[str, Any] = {
-            "time": iso_time(record.created),
-            "level": _clean(record.levelname),
-            "logger": _clean(record.name),
-            "message": _clean(message),
-        }
-        for key, value in vars(record).items():
-            if key in _JSON_SKIP or key.startswith("_"):
-                continue
-            if type(value) is not str or not value.isprintable() or "\\" in value:
-                value = _clean(value)
-            data[key if key.isprintable() and "\\" not in key else escape(key)] = value
-        return json.dumps(data)
+        fields = (
+            (k, v) for k, v in vars(record).items() if k not in _JSON_SKIP and not k.startswith("_")
+        )
+        return json_line(record.created, record.levelname, record.name, message, fields)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return iso_time(record.created)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 
@@ -29,6 +29,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.logs import json_line, json_stream_handler, write_line
 from gateway.metrics import OWN_ROUTE
 from gateway.pages import error_response
 
@@ -117,13 +118,26 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         response.headers["X-Request-Id"] = rid
 
 
+def request_id(sent: str) -> str:
+    """The client's ``X-Request-Id`` when well-formed, else a new random one (32 hex digits)."""
+    if _REQUEST_ID_RE.match(sent):
+        return sent
+    if not _random_ids:
+        # One getrandom call for the next 256 ids rather than one per request.
+        pool = os.urandom(16 * 256).hex()
+        _random_ids.extend(pool[i : i + 32] for i in range(0, len(pool), 32))
+    return _random_ids.pop()
+
+
+_random_ids: list[str] = []
+os.register_at_fork(after_in_child=_random_ids.clear)  # a worker never repeats its parent's
+
+
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id (passed through when well-formed, else generated), one log line a request,
     and the request metrics."""
-    rid = request.headers.get("X-Request-Id", "")
-    if not _REQUEST_ID_RE.match(rid):
-        rid = secrets.token_hex(16)
+    rid = request_id(request.headers.get("X-Request-Id", ""))
     request[keys.REQUEST_ID] = rid
     start = time.perf_counter()
     status = 500
@@ -168,15 +182,27 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
 def log_access(method: str, path: str, status: int, fields: dict[str, object]) -> None:
     """Write the ``gateway.access`` record (``METHOD PATH STATUS`` and ``fields`` as extras).
 
-    Every field is escaped by the formatter (gateway.logs), whatever the client sent. The
-    record is made here rather than by ``log.info``, which would walk the stack for the
-    caller's file and line on every request: they are always the ``access_log`` middleware's.
+    Every field is escaped (gateway.logs), whatever the client sent. When the record would
+    only reach the one JSON stream handler, the line is made and written here, the same text
+    the formatter would make, without a ``LogRecord``; otherwise the record is made here
+    rather than by ``log.info``, which would walk the stack for the caller's file and line on
+    every request: they are always the ``access_log`` middleware's.
     """
-    record = log.makeRecord(
+    handler = json_stream_handler(log)
+    if handler is not None:
+        line = json_line(time.time(), "INFO", log.name, f"{method} {path} {status}", fields.items())
+        write_line(handler, line, lambda: _access_record(method, path, status, fields))
+    else:
+        log.handle(_access_record(method, path, status, fields))
+
+
+def _access_record(
+    method: str, path: str, status: int, fields: dict[str, object]
+) -> logging.LogRecord:
+    return log.makeRecord(
         log.name, logging.INFO, __file__, _ACCESS_LOG_LINE, "%s %s %s",
         (method, path, status), None, "access_log", fields,
     )  # fmt: skip
-    log.handle(record)
 
 
 _ACCESS_LOG_LINE = access_log.__code__.co_firstlineno

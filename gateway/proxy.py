@@ -44,6 +44,12 @@ _NO_BODY_STATUS = frozenset({204, 304})
 # RFC 6455 §7.4.1: 1005, 1006 and 1015 must never be sent in a Close frame.
 _UNSENDABLE_CLOSE = {1005: 1000, 1006: 1011, 1015: 1011}
 _WS_CLOSE_TIMEOUT = 5.0
+# An upstream answer with a Content-Length up to this is read whole and answered in one
+# write (status line, headers and body), like a plain aiohttp proxy; a larger or unknown
+# length streams chunk by chunk with back-pressure. It bounds what a client that does not
+# read can make a connection hold: about what the streamed relay's transport buffer holds
+# before it waits for the client anyway.
+BUFFER_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -116,17 +122,40 @@ def make_upstream_client(
     tls: ssl.SSLContext | bool = verify_tls
     if verify_tls and ca_file is not None:
         tls = ssl.create_default_context(cafile=ca_file)
-    trace = aiohttp.TraceConfig()
-    trace.on_request_redirect.append(_refuse_redirect)
+    connector = aiohttp.TCPConnector(limit=limit, ssl=tls, keepalive_timeout=4.0)
+    return _client(connector, connector_owner=True)
+
+
+def _client(
+    connector: aiohttp.BaseConnector,
+    *,
+    connector_owner: bool,
+    trace_configs: list[aiohttp.TraceConfig] | None = None,
+) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, ssl=tls, keepalive_timeout=4.0),
+        connector=connector,
+        connector_owner=connector_owner,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO_HEADERS,
         timeout=_timeout(5.0, 60.0),
-        trace_configs=[trace],
+        trace_configs=trace_configs,
         trust_env=False,
     )
+
+
+def _websocket_client(client: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """A session over ``client``'s connection pool whose redirects are refused.
+
+    ``ws_connect`` always follows redirects, and only a trace hook can stop it; a session
+    with trace hooks builds their objects and fires their signals on every request, so the
+    plain requests go through ``client``, which has none. This one closes with ``client``
+    (it does not own the pool).
+    """
+    assert client.connector is not None
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(_refuse_redirect)
+    return _client(client.connector, connector_owner=False, trace_configs=[trace])
 
 
 class Forwarder:
@@ -139,6 +168,7 @@ class Forwarder:
         tracing: Tracing | None = None,
     ) -> None:
         self._client = client
+        self._ws_client: aiohttp.ClientSession | None = None  # made at the first WebSocket
         self._tracing = tracing or Tracing()
         self._ws_open = ws_open  # the gateway_websockets_open gauge, when metrics are on
         self._warn = WarnLimiter(log)  # one WARNING per upstream and cause per 10 s
@@ -197,6 +227,9 @@ class Forwarder:
                 allow_redirects=False,
                 timeout=_timeout(target.connect_timeout, target.read_timeout),
             )
+            # Read before the status line is sent: an upstream that fails mid-body then
+            # gets an honest 502/504, not a truncated 200.
+            body = await _read_whole(request, upstream)
         except TimeoutError as exc:
             self._failed(target, exc, 504)
             raise UpstreamTimeout() from exc
@@ -208,6 +241,12 @@ class Forwarder:
             self._failed(target, exc, 502)
             raise UpstreamError() from exc
         self._answered(target)
+        if body is not None:
+            # One write: status line, headers and body (a plain aiohttp proxy's answer).
+            headers = client_headers(upstream.headers, target.own_cookies)
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=body
+            )
         async with upstream:
             return await _relay(request, upstream, target.own_cookies)
 
@@ -218,9 +257,11 @@ class Forwarder:
         if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
             raise BadRequest("Invalid WebSocket handshake.")
         # Upstream first: a client must not see 101 for a connection that cannot exist.
+        if self._ws_client is None:
+            self._ws_client = _websocket_client(self._client)
         try:
             async with asyncio.timeout(target.connect_timeout + target.read_timeout):
-                upstream = await self._client.ws_connect(
+                upstream = await self._ws_client.ws_connect(
                     upstream_url(target),
                     headers=_headers(request, target, has_body=False, websocket=True),
                     protocols=offered,
@@ -267,6 +308,28 @@ def _headers(
         keep_content_length=has_body,
         websocket=websocket,
     )
+
+
+def _buffered(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    """Whether the answer is read whole and sent in one write (``BUFFER_LIMIT``): a body
+    of a known, small length. Unknown lengths (event streams, chunked), large bodies and
+    the answers that carry no body (HEAD, 204, 304) stream as before."""
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= BUFFER_LIMIT
+        and request.method != "HEAD"
+        and upstream.status not in _NO_BODY_STATUS
+        and "Transfer-Encoding" not in upstream.headers
+    )
+
+
+async def _read_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The body of a ``_buffered`` answer (the connection goes back to the pool), else None."""
+    if not _buffered(request, upstream):
+        return None
+    async with upstream:
+        return await upstream.read()
 
 
 async def _relay(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -47,6 +47,8 @@ EMITTED_ELSEWHERE = (
 # A header longer than this would make a common upstream refuse every request of the user
 # (nginx's large_client_header_buffers is 8k, Node's whole head 16k).
 MAX_CLAIM_HEADER = 8192
+# Identities whose headers a route keeps (``CompiledRoute.identity``), about a session cache.
+_IDENTITIES_KEPT = 4096
 log = logging.getLogger("gateway.gate")
 
 
@@ -156,6 +158,10 @@ class CompiledRoute:
     identity_headers: Mapping[str, str]
     connect_timeout: float
     read_timeout: float
+    # id(identity) -> (the Identity, its headers): see ``identity``.
+    _identities: dict[int, tuple[Identity, dict[str, str]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def settings(self) -> RouteSettings:
@@ -170,8 +176,20 @@ class CompiledRoute:
         return self.route.public
 
     def identity(self, identity: Identity) -> dict[str, str]:
-        """This route's identity headers for ``identity``."""
-        return identity_headers(self.identity_headers, identity)
+        """This route's identity headers for ``identity`` (a copy: the caller adds to it).
+
+        Kept per ``Identity`` object, which is immutable: a session from the session cache
+        brings the same object until it is evicted, refreshed or read again, which brings a
+        new one (and so new headers). The entry holds the object, so its id is not reused
+        while kept; the table is emptied when it reaches ``_IDENTITIES_KEPT``.
+        """
+        kept = self._identities.get(id(identity))
+        if kept is None or kept[0] is not identity:
+            if len(self._identities) >= _IDENTITIES_KEPT:
+                self._identities.clear()
+            kept = (identity, identity_headers(self.identity_headers, identity))
+            self._identities[id(identity)] = kept
+        return dict(kept[1])
 
     def assertion(self, signer: AssertionSigner, identity: Identity, session_id: str | None) -> str:
         """``X-Gateway-Assertion`` for this route (reused for a few seconds per session)."""

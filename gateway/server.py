@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -55,6 +56,11 @@ _PR_SET_PDEATHSIG = 1
 _RESTART_BACKOFF = (0.5, 30.0)  # first delay, ceiling (doubling in between)
 _STABLE_AFTER = 60.0  # a worker that lived this long restarts after the first delay again
 _LIMIT_LOG_EVERY = 10.0
+# The cyclic collector's youngest generation runs after this many net allocations (Python's
+# default is 700): a request allocates hundreds of objects, and with dozens in flight the
+# default ran a collection every few requests over objects still in use (about 5% of a
+# worker's CPU under load). The hot path makes no cyclic garbage.
+_GC_YOUNG_THRESHOLD = 10_000
 _RESTART_ONLY_SERVER_KEYS = (
     "host",
     "port",
@@ -367,6 +373,23 @@ async def _close_generation(gen: _Generation) -> None:
         await gen.app.cleanup()
     except Exception:
         log.exception("closing the previous config's clients failed")
+    # The old app was frozen with everything else: unfreeze so its cycles can be freed.
+    gc.unfreeze()
+    freeze_heap()
+
+
+def freeze_heap() -> None:
+    """Collect once, then move every object that exists now (modules, settings, the app, its
+    clients and compiled routes) out of the cyclic garbage collector's sight (``gc.freeze``),
+    and let the youngest generation grow to ``_GC_YOUNG_THRESHOLD`` before a collection.
+
+    Requests allocate enough for the collector to run often; each full collection used to
+    walk this whole long-lived heap (about 14% of a worker's CPU under load, and the p99's
+    pauses). Called once the app serves, and again after a reload retired the old app.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:
@@ -482,6 +505,7 @@ async def _serve(
         loop.add_signal_handler(sig, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await gateway.start(sock)
+    freeze_heap()
     started = True
     if signal.SIGHUP in pending:
         on_hup()

@@ -127,6 +127,12 @@ class Ticket:
 
     session_id: bytes
     key: bytes
+    # ``store_key``, worked out once per ticket (it is asked for several times a request).
+    _store_key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(b"gateway-store-key\x00" + self.session_id).hexdigest()
+        object.__setattr__(self, "_store_key", digest)
 
     @classmethod
     def new(cls) -> Ticket:
@@ -139,7 +145,7 @@ class Ticket:
     @property
     def store_key(self) -> str:
         """Where the record lives: a hash of the id, so store keys cannot be turned into cookies."""
-        return hashlib.sha256(b"gateway-store-key\x00" + self.session_id).hexdigest()
+        return self._store_key
 
     def to_cookie(self, ring: KeyRing) -> str:
         return ring.seal_text(self.session_id + self.key, SESSION_PURPOSE)

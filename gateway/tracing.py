@@ -39,6 +39,9 @@ except ImportError:  # pragma: no cover - exercised where the extra is not insta
     AVAILABLE = False
 
 
+_NO_SPAN = contextlib.nullcontext()
+
+
 class Tracing:
     """Spans for one app; ``Tracing()`` (no provider) does nothing."""
 
@@ -83,14 +86,18 @@ class Tracing:
     def enabled(self) -> bool:
         return self._tracer is not None
 
-    @contextlib.contextmanager
     def span(
         self, name: str, kind: str = "internal", attributes: dict[str, Any] | None = None
-    ) -> Iterator[Any]:
-        """A child of the current span; yields the span (None when tracing is off)."""
+    ) -> contextlib.AbstractContextManager[Any]:
+        """A child of the current span; yields the span (None when tracing is off: one shared
+        ``nullcontext``, nothing made per call on the hot path)."""
         if self._tracer is None:
-            yield None
-            return
+            return _NO_SPAN
+        return self._span(name, kind, attributes)
+
+    @contextlib.contextmanager
+    def _span(self, name: str, kind: str, attributes: dict[str, Any] | None) -> Iterator[Any]:
+        assert self._tracer is not None
         attrs = {k: v for k, v in (attributes or {}).items() if v is not None}
         with self._tracer.start_as_current_span(name, kind=_kind(kind), attributes=attrs) as span:
             yield span

@@ -40,9 +40,18 @@ def test_bench_quick_runs_and_writes_its_tables(tmp_path: Path) -> None:
     assert "| gateway RSS per idle keep-alive connection |" in text
     assert "| cookie open (ticket AEAD) |" in text
     assert "| gateway event loop | uvloop |" in text
-    # Every wrk round was clean: the gateway answered 200 with the backend's body throughout.
+    assert "## The gateway's CPU per request, layer by layer" in text
+    assert "| + authentication (valid session) |" in text
+    # Every wrk round was clean: each target answered 200 with the backend's body throughout
+    # (bare, gateway, and the two layer gateways).
     rounds = [line for line in text.splitlines() if line.startswith("| round 1 |")]
-    assert len(rounds) == 2 and all(line.endswith("| none |") for line in rounds)
+    assert len(rounds) == 4 and all(line.endswith("| none |") for line in rounds)
+    assert {line.split(" | ")[1] for line in rounds} == {
+        "bare",
+        "gateway",
+        "public, no log",
+        "public",
+    }
     # The committed results are left alone.
     assert (ROOT / "bench" / "RESULTS.md").read_bytes() == committed
 

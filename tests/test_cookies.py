@@ -477,3 +477,57 @@ async def test_sign_out_confirmation_page_escapes_and_filters_rd(
         assert "evil.example" not in body
     csrf_in_body = re.findall(r'name="csrf" value="([^"]+)"', body)
     assert len(csrf_in_body) == 1
+
+
+async def test_session_value_is_what_aiohttp_reads_and_is_remembered_per_header(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CookiePolicy.session_value`` answers what ``request.cookies`` would, for any Cookie
+    header, and parses each distinct header once."""
+    from aiohttp import web, web_request
+
+    from gateway.cookies import CookiePolicy
+
+    policy = CookiePolicy("gw", True, "Lax")
+    parsed: list[str] = []
+    real = web_request.parse_cookie_header
+
+    def counted(header: str) -> Any:
+        parsed.append(header)
+        return real(header)
+
+    monkeypatch.setattr(web_request, "parse_cookie_header", counted)
+
+    async def handler(request: web.Request) -> web.Response:
+        value = policy.session_value(request)
+        theirs = request.cookies.get("gw") if "compare" in request.query else None
+        return web.json_response({"ours": value, "aiohttp": theirs})
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    headers = [
+        "gw=abc",
+        "a=1; gw=first; b=2; gw=second",  # duplicates: aiohttp's dict keeps the last
+        'gw="quoted value"; x=y',
+        "GW=upper; gw_x=prefix",
+        "x=1",
+        "gw=; y=2",
+        "=gw; gw",
+    ]
+    first: dict[str, Any] = {}
+    for header in headers:
+        async with client.get("/?compare", headers={"Cookie": header}) as resp:
+            body = await resp.json()
+        assert body["ours"] == body["aiohttp"], header
+        first[header] = body["ours"]
+    assert parsed == headers  # one parse per request, shared by both reads
+    for header in headers:  # again: from memory, no parse at all
+        async with client.get("/", headers={"Cookie": header}) as resp:
+            assert (await resp.json())["ours"] == first[header]
+    assert parsed == headers
+    long_header = "gw=v; pad=" + "p" * 5000  # too long to remember: parsed every time
+    for _ in range(2):
+        async with client.get("/", headers={"Cookie": long_header}) as resp:
+            assert (await resp.json())["ours"] == "v"
+    assert parsed.count(long_header) == 2

@@ -798,3 +798,33 @@ async def test_no_server_version_on_any_answer(make_stack: StackFactory) -> None
     assert [a.status for a in answers] == [200, 404, 401, 400, 200, 404]
     for answer in answers:
         assert answer.headers.getall("Server") == ["gateway"], answer.headers
+
+
+def test_identity_headers_are_kept_per_identity_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route works a session's identity headers out once per ``Identity`` object (what the
+    session cache hands back on every hit); a new object (refreshed, read again) gets its
+    own, and the caller's additions never reach the kept copy."""
+    from gateway import routes
+    from gateway.config import validate
+    from gateway.session import Identity
+    from tests.conftest import gateway_config
+
+    cfg = gateway_config("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3", None)
+    route = routes.Routes(validate(cfg, env={}), lambda _: None).compiled[0]  # type: ignore[arg-type,return-value]
+    made: list[str] = []
+    work = routes.identity_headers
+
+    def counted(mapping: Any, identity: Identity) -> dict[str, str]:
+        made.append(identity.sub)
+        return work(mapping, identity)
+
+    monkeypatch.setattr(routes, "identity_headers", counted)
+    alice = Identity("alice", {"email": "alice@example.com"})
+    first = route.identity(alice)
+    first["Authorization"] = "Bearer added-by-the-caller"
+    again = route.identity(alice)
+    assert again["X-Forwarded-Email"] == "alice@example.com" and "Authorization" not in again
+    assert made == ["alice"]
+    changed = Identity("alice", {"email": "alice@new.example"})
+    assert route.identity(changed)["X-Forwarded-Email"] == "alice@new.example"
+    assert made == ["alice", "alice"]

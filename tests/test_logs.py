@@ -785,3 +785,62 @@ def test_access_record_is_the_middlewares_and_respects_levels_and_filters(
     finally:
         access.removeFilter(drop)
     assert caplog.records == []
+
+
+def test_access_line_is_written_without_a_record_and_is_the_formatters_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the one JSON stream handler, ``log_access`` writes the line itself (no
+    ``LogRecord``), and it is the text the formatter makes of the record, hostile fields
+    and all."""
+    from gateway import middleware
+    from gateway.logs import EscapingJsonFormatter
+
+    fields: dict[str, object] = {"request_id": HOSTILE, "method": "GET", "path": HOSTILE,
+                                 "status": 200, "duration_ms": 1.25, "route": "/", "sub": HOSTILE}  # fmt: skip
+    monkeypatch.setattr(middleware.time, "time", lambda: 1800000000.2505)
+    made: list[logging.LogRecord] = []
+    make = logging.Logger.makeRecord
+
+    def counted(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(record := make(self, *args, **kwargs))
+        return record
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", counted)
+    with configured("json") as buf:
+        middleware.log_access("GET", HOSTILE, 200, fields)
+    assert made == []
+    expected = EscapingJsonFormatter().format(
+        middleware._access_record("GET", HOSTILE, 200, fields)
+    )
+    assert buf.getvalue() == expected + "\n"
+    assert HOSTILE not in buf.getvalue()
+    # A filter on the handler: the record takes the logging way again, and is dropped.
+    with configured("json") as buf:
+        logging.getLogger().handlers[0].addFilter(lambda r: False)
+        middleware.log_access("GET", "/x", 200, fields)
+    assert buf.getvalue() == ""
+    assert len(made) == 2  # the expected line's record, then the filtered one
+
+
+def test_generated_request_ids_are_random_hex_and_a_forked_worker_draws_its_own() -> None:
+    import os
+
+    from gateway.middleware import request_id
+
+    assert request_id("client-id.1") == "client-id.1"
+    ids = [request_id("bad id\n") for _ in range(600)]  # more than one batch of 256
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == 600
+    parent_next = request_id("")  # the parent's pool is not empty now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its first id and leave at once
+        os.write(write, request_id("").encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert re.fullmatch(r"[0-9a-f]{32}", child)
+    assert child != request_id("") and child not in ids and child != parent_next

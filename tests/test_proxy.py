@@ -27,7 +27,7 @@ from yarl import URL
 from gateway.echo import WS_CLOSE_CODES, RunningEcho, start_echo
 from gateway.errors import GatewayError
 from gateway.headers import OwnCookies, normalize
-from gateway.proxy import Forwarder, ProxyTarget, make_upstream_client
+from gateway.proxy import BUFFER_LIMIT, Forwarder, ProxyTarget, make_upstream_client
 
 MB = 1024 * 1024
 GATEWAY_COOKIE = "__Host-gateway"
@@ -66,6 +66,8 @@ SPOOFED = CIMultiDict(
 
 OPTIONS = web.AppKey("proxy_test_options", dict[str, Any])
 FORWARDER = web.AppKey("proxy_test_forwarder", Forwarder)
+# What ``Forwarder.forward`` handed back: (path, a whole web.Response?, already prepared?).
+ANSWERS = web.AppKey("proxy_test_answers", list[tuple[str, bool, bool]])
 ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
@@ -95,7 +97,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         forwarded_host="app.example.com",
         **options,
     )
-    return await request.app[FORWARDER].forward(request, target)
+    response = await request.app[FORWARDER].forward(request, target)
+    request.app[ANSWERS].append(
+        (request.path, isinstance(response, web.Response), response.prepared)
+    )
+    return response
 
 
 @pytest.fixture
@@ -115,6 +121,7 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
 def proxy_app(**options: Any) -> web.Application:
     app = web.Application(middlewares=[errors])
     app[OPTIONS] = options
+    app[ANSWERS] = []
     app.cleanup_ctx.append(upstream_client)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app
@@ -389,14 +396,29 @@ async def test_client_abandoning_upload_is_quiet(
 async def odd_upstream(aiohttp_server: Any, echo: RunningEcho) -> URL:
     """An upstream that misbehaves in ways the echo does not."""
 
-    async def truncated(request: web.Request) -> web.StreamResponse:
+    async def body_fails(
+        request: web.Request, length: int, sent: int, stall: bool = False
+    ) -> web.StreamResponse:
+        """Announce ``length`` bytes, send ``sent``, then die (or stall)."""
         response = web.StreamResponse()
-        response.content_length = 10 * MB
+        response.content_length = length
         await response.prepare(request)
-        await response.write(b"x" * MB)
-        assert request.transport is not None
-        request.transport.close()  # dies mid-body
+        await response.write(b"x" * sent)
+        if stall:
+            await asyncio.sleep(5)
+        else:
+            assert request.transport is not None
+            request.transport.close()  # dies mid-body
         return response
+
+    async def truncated(request: web.Request) -> web.StreamResponse:
+        return await body_fails(request, 10 * MB, MB)
+
+    async def short(request: web.Request) -> web.StreamResponse:
+        return await body_fails(request, 1000, 10)
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        return await body_fails(request, 1000, 10, stall=True)
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound(str(echo.url / "_echo" / "ws"))
@@ -417,6 +439,8 @@ async def odd_upstream(aiohttp_server: Any, echo: RunningEcho) -> URL:
 
     app = web.Application()
     app.router.add_get("/truncated", truncated)
+    app.router.add_get("/short", short)
+    app.router.add_get("/stalls", stalls)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/ws-cookies", ws_cookies)
@@ -438,6 +462,69 @@ async def test_upstream_failure_mid_body_closes_client_connection(
     assert len(warnings) == 1
     assert warnings[0].exc_info is None
     assert "secret" not in warnings[0].getMessage()
+
+
+async def test_small_answer_failing_mid_body_is_502_or_504_not_a_truncated_200(
+    make_proxy: ProxyFactory, odd_upstream: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A small answer is read whole before its status line goes out, so an upstream that
+    dies or stalls in its body gets the honest error page."""
+    client = await make_proxy(upstream=odd_upstream, read_timeout=0.3)
+    with caplog.at_level(logging.WARNING, logger="gateway.proxy"):
+        async with client.get("/short?secret=q") as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"] == "bad_gateway"
+        async with client.get("/stalls?secret=q") as resp:
+            assert resp.status == 504
+            assert (await resp.json())["error"] == "gateway_timeout"
+    warnings = [r for r in caplog.records if r.name == "gateway.proxy"]
+    assert [w.levelno for w in warnings] == [logging.WARNING, logging.WARNING]
+    assert all("secret" not in w.getMessage() for w in warnings)
+
+
+async def test_small_answers_go_whole_and_others_stream(make_proxy: ProxyFactory) -> None:
+    """An answer with a Content-Length up to BUFFER_LIMIT becomes one unprepared
+    web.Response (written whole by the server); a larger or unknown length, HEAD and 204
+    stream. The header rules hold on both ways."""
+    client = await make_proxy()
+    async with client.get(f"/_echo/download?bytes={BUFFER_LIMIT}") as resp:
+        assert resp.headers["Content-Length"] == str(BUFFER_LIMIT)
+        assert len(await resp.read()) == BUFFER_LIMIT
+    async with client.get(f"/_echo/download?bytes={BUFFER_LIMIT + 1}") as resp:
+        assert len(await resp.read()) == BUFFER_LIMIT + 1
+    async with client.head("/_echo/download?bytes=1000") as resp:
+        assert resp.headers["Content-Length"] == "1000"
+    async with client.get("/_echo/status?code=204") as resp:
+        assert resp.status == 204
+    async with client.get("/_echo/sse?n=1&interval=0") as resp:
+        assert "Content-Length" not in resp.headers
+        await resp.read()
+    async with client.get("/_echo/setheaders") as resp:
+        assert "X-Secret" not in resp.headers and "Keep-Alive" not in resp.headers
+        assert resp.headers["X-Kept"] == "yes"
+        assert "Transfer-Encoding" not in resp.headers
+        assert await resp.text() == "ok"
+    assert client.app is not None
+    assert client.app[ANSWERS] == [
+        ("/_echo/download", True, False),
+        ("/_echo/download", False, True),
+        ("/_echo/download", False, True),
+        ("/_echo/status", False, True),
+        ("/_echo/sse", False, True),
+        ("/_echo/setheaders", True, False),
+    ]
+
+
+async def test_plain_requests_carry_no_trace_hooks(make_proxy: ProxyFactory) -> None:
+    """Trace hooks (refusing WebSocket redirects) live on a session of their own: a session
+    with hooks builds their objects and fires their signals on every request."""
+    client = await make_proxy()
+    async with client.get("/plain") as resp:
+        assert resp.status == 200
+    assert client.app is not None
+    forwarder = client.app[FORWARDER]
+    assert forwarder._client.trace_configs == []
+    assert forwarder._ws_client is None
 
 
 async def test_redirects_pass_to_the_client_and_are_never_followed(

@@ -227,3 +227,24 @@ def test_identity_claims() -> None:
     assert Identity(sub="u", claims={"groups": "solo"}).groups == ("solo",)
     assert Identity(sub="u", claims={"groups": {"x": 1}, "email": 5}).groups == ()
     assert Identity(sub="u", claims={"email": 5}).email is None
+
+
+def test_store_key_is_worked_out_once_per_ticket(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from gateway import session as session_module
+
+    ticket = Ticket.new()
+    want = hashlib.sha256(b"gateway-store-key\x00" + ticket.session_id).hexdigest()
+    hashed: list[bytes] = []
+    real = hashlib.sha256
+
+    def counted(data: bytes) -> object:
+        hashed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(session_module.hashlib, "sha256", counted)
+    again = Ticket(ticket.session_id, ticket.key)
+    assert [again.store_key for _ in range(3)] == [want] * 3
+    assert len(hashed) == 1
+    assert again == ticket  # the kept key takes no part in equality

@@ -23,7 +23,7 @@ from gateway.config import SessionSettings
 from gateway.crypto import KeyRing, decode_secret, new_secret
 from gateway.devidp.tokens import BACKCHANNEL_EVENT
 from gateway.errors import StoreUnavailable
-from gateway.session import Identity, Tokens
+from gateway.session import Identity, Ticket, Tokens
 from gateway.sessions import SessionManager
 from gateway.store import MemoryStore, RedisStore, open_store
 from tests import topology
@@ -143,6 +143,42 @@ async def test_cache_size_0_reads_the_store_on_every_request(
     for _ in range(20):
         assert await a.open(cookie) is not None
     assert gets(own_redis) == before + 20
+
+
+async def test_a_repeat_cookie_is_opened_once_and_only_beside_the_cache(
+    replicas: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the cache on, what a cookie opens to is remembered (no AES-GCM per request); it
+    decides nothing about the session (an ended one is refused all the same); a cookie that
+    does not open is never remembered; with ``cache_size: 0`` every request opens its cookie."""
+    opened: list[str] = []
+    real = Ticket.from_cookie.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Ticket], value: str, ring: KeyRing) -> Ticket:
+        opened.append(value)
+        return real(cls, value, ring)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Ticket, "from_cookie", classmethod(counted))
+    group = replicas()
+    a = group.replica()
+    cookie = await sign_in(a, group.ring)
+    for _ in range(5):
+        loaded = await a.open(cookie)
+        assert loaded is not None
+    assert opened == [cookie]
+    forged = cookie[:-4] + ("AAAA" if not cookie.endswith("AAAA") else "BBBB")
+    for _ in range(2):
+        assert await a.open(forged) is None
+    assert opened == [cookie, forged, forged]
+    await a.destroy(loaded.ticket)
+    await refused_within_bound(a, cookie)
+    off = replicas(cache_size=0)
+    b = off.replica()
+    cookie_b = await sign_in(b, off.ring)
+    opened.clear()
+    for _ in range(3):
+        assert await b.open(cookie_b) is not None
+    assert opened == [cookie_b] * 3
 
 
 async def test_the_memory_store_is_not_cached() -> None:

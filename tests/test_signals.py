@@ -326,3 +326,36 @@ async def test_sighup_to_the_workers_parent_reloads_every_worker(
         for _ in range(10):
             async with http.get(gw.url + "/closed/x") as resp:
                 assert resp.status == 401
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_the_heap_is_frozen_and_a_retired_apps_cycles_are_freed() -> None:
+    """``freeze_heap`` hides the long-lived heap from the cyclic collector; closing a retired
+    generation unfreezes first, so the cycles of the old app can still be collected."""
+    import gc
+    import weakref
+
+    from gateway.server import _close_generation, _Generation, freeze_heap
+
+    threshold = gc.get_threshold()
+    app = web.Application()
+    app.freeze()
+    cycle = _Cycle()
+    gone = weakref.ref(cycle)
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == 10_000
+        del cycle
+        gc.collect()
+        assert gone() is not None  # frozen: out of the collector's sight
+        await _close_generation(_Generation(app, None))  # type: ignore[arg-type]
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

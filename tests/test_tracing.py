@@ -86,3 +86,16 @@ def test_without_the_extra_tracing_is_a_logged_no_op(
     t.inject(headers)
     assert headers == {}
     assert "OpenTelemetry is not installed" in caplog.text
+
+
+def test_spans_cost_nothing_when_tracing_is_off() -> None:
+    """Off, every span is one shared no-op context (the hot path opens two a request); an
+    exception inside still propagates."""
+    off = tracing.Tracing()
+    assert not off.enabled
+    first, second = off.span("session.load"), off.span("session.refresh", "client", {"a": 1})
+    assert first is second
+    with first as span:
+        assert span is None
+    with pytest.raises(KeyError), off.span("x"):
+        raise KeyError("passes through")
