@@ -1,7 +1,9 @@
 """``gateway sessions``: list and revoke sessions in the shared store, for every replica at once.
 
-Replicas read every session from the store on each request (no local cache), so a deletion
-here is seen by the next request on any replica.
+A revocation deletes the record and publishes its key on the store's invalidation channel:
+every replica's session cache drops it, and a replica whose channel is down bypasses its cache,
+so the next request on any replica finds no session. ``--provider`` keeps to one provider's
+sessions (a ``sub`` is unique only per issuer).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ systemd unit say what the docs promise, and every relative link in the docs reso
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import yaml
 
 from gateway.config import validate
 from gateway.crypto import new_secret
-from tests.gateway_proc import gateway_command
+from tests.gateway_proc import command_env, gateway_command
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -48,8 +47,7 @@ CONFIG_ENV = {
 
 
 async def check_config(path: Path) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(CONFIG_ENV)
+    env = command_env(CONFIG_ENV)
     proc = await asyncio.create_subprocess_exec(
         *gateway_command(), "check-config", "--config", str(path), env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -20,7 +20,12 @@ from aiohttp import web
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
 from gateway.echo import start_echo
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, free_port, gateway_config
-from tests.gateway_proc import GatewayProcess, gateway_command, start_gateway_process
+from tests.gateway_proc import (
+    GatewayProcess,
+    command_env,
+    gateway_command,
+    start_gateway_process,
+)
 from tests.idp_client import http_login
 from tests.support.metrics import Scrape
 
@@ -142,7 +147,7 @@ async def test_second_gateway_on_the_same_port_fails_with_one_clear_line(
     try:
         path = tmp_path / "second.yaml"
         path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env = command_env()
         proc = await asyncio.create_subprocess_exec(
             *gateway_command(), "run", "--config", str(path),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
