@@ -88,7 +88,12 @@ async def revoke_sessions(settings: Settings, user: str | None, provider: str | 
             await store.delete(meta.key)
             print(f"revoked {_line(meta)}")
         who = f"user {user}" if user is not None else "all users"
-        at = f" at provider {provider}" if provider is not None else ""
+        if provider is not None:
+            at = f" at provider {provider}"
+        else:
+            # A sub is unique only per provider: without --provider, every provider's user
+            # of that sub (each line above names its provider).
+            at = " at every provider" if len(_ids(settings)) > 1 else ""
         print(f"revoked {len(metas)} session(s) of {who}{at}")
         return 0
 

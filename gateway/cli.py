@@ -182,14 +182,6 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.action == "revoke" and args.user and args.provider is None and len(ids) > 1:
-        # A sub is unique only per provider: the same sub elsewhere is another person.
-        print(
-            "gateway sessions revoke: with several providers, name the user's provider "
-            f"with --provider ID ({', '.join(ids)})",
-            file=sys.stderr,
-        )
-        return 2
     try:
         if args.action == "list":
             return asyncio.run(list_sessions(settings, args.user, args.provider))

@@ -306,12 +306,6 @@ async def test_the_cli_lists_and_revokes_per_provider(multi: Multi, tmp_path: Pa
         )  # fmt: skip
         assert code == 0, err
         assert re.findall(r"provider=(\S+)", out) == ["corp"]
-        # Revoking a sub without naming its provider is refused (it is two people here).
-        code, out, err = await gateway(
-            "sessions", "revoke", "--user", "alice", "--config", str(config), cwd=tmp_path
-        )
-        assert code == 2
-        assert "--provider" in err
         code, out, err = await gateway(
             "sessions", "revoke", "--user", "alice", "--provider", "nope",
             "--config", str(config), cwd=tmp_path,
@@ -325,6 +319,20 @@ async def test_the_cli_lists_and_revokes_per_provider(multi: Multi, tmp_path: Pa
         assert out.splitlines()[-1] == "revoked 1 session(s) of user alice at provider partners"
         assert (await call(b, multi.url + "/api/x"))[0] == 401
         assert (await call(a, multi.url + "/api/x"))[0] == 200
+        # Without --provider: the sub at every provider (two people here), each line naming
+        # its provider.
+        await login_at(b, multi, "partners")
+        code, out, err = await gateway(
+            "sessions", "revoke", "--user", "alice", "--config", str(config), cwd=tmp_path
+        )
+        assert code == 0, err
+        assert sorted(re.findall(r"^revoked \S+  provider=(\S+)", out, re.M)) == [
+            "corp",
+            "partners",
+        ]
+        assert out.splitlines()[-1] == "revoked 2 session(s) of user alice at every provider"
+        assert (await call(a, multi.url + "/api/x"))[0] == 401
+        assert (await call(b, multi.url + "/api/x"))[0] == 401
 
 
 async def test_sign_out_revokes_and_ends_at_the_sessions_own_provider(
