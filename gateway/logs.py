@@ -250,6 +250,9 @@ class CoalescedStream:
         self.stream = stream
         self._pending: list[str] = []
         self._lock = threading.Lock()
+        # The loop whose next iteration writes ``_pending`` (None once written): a loop that
+        # stopped before that iteration (a closed test loop) leaves it to the next one.
+        self._flusher: asyncio.AbstractEventLoop | None = None
 
     @property
     def name(self) -> Any:
@@ -262,8 +265,9 @@ class CoalescedStream:
             loop = None
         with self._lock:
             if loop is not None:
-                if not self._pending:
+                if self._flusher is not loop:
                     loop.call_soon(self._flush_soon)
+                    self._flusher = loop
                 self._pending.append(text)
                 return len(text)
             self._write(text)
@@ -274,6 +278,7 @@ class CoalescedStream:
             self._write("")
 
     def _write(self, text: str) -> None:  # under the lock
+        self._flusher = None
         if self._pending:
             text = "".join(self._pending) + text
             self._pending.clear()  # first: a failing stream does not get them again

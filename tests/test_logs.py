@@ -905,3 +905,26 @@ def test_access_line_without_a_running_loop_is_written_at_once() -> None:
         middleware.log_access("GET", "/x", 200, {"path": "/x"})
         assert len(stream.writes) == 1 and stream.flushes == 1
         assert json.loads(stream.getvalue())["path"] == "/x"
+
+
+def test_lines_a_stopped_loop_left_behind_are_written_by_the_next_loop() -> None:
+    """A loop that stopped before the iteration that would write the collected lines
+    leaves them to the next loop that writes: they go out with its lines, in order."""
+    from gateway.logs import CoalescedStream
+
+    buf = io.StringIO()
+    stream = CoalescedStream(buf)
+    first = asyncio.new_event_loop()
+    try:
+        first.call_soon(lambda: (stream.write("a\n"), first.stop()))
+        first.run_forever()  # stopped before the writing iteration
+    finally:
+        first.close()
+    assert buf.getvalue() == ""
+
+    async def write_b() -> None:
+        stream.write("b\n")
+        await asyncio.sleep(0)
+
+    asyncio.run(write_b())
+    assert buf.getvalue() == "a\nb\n"
