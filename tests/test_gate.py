@@ -867,3 +867,31 @@ def test_resolved_paths_are_kept_per_exact_raw_path(monkeypatch: pytest.MonkeyPa
     g.resolve("/c", routes)  # the third path: the table was full, so it starts again
     assert g.resolve("/a/b", routes) is not first
     assert seen[-2:] == ["/c", "/a/b"]
+
+
+def test_trusted_proxy_answers_are_kept_per_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Trust.is_trusted`` parses a peer address once and keeps the answer per exact peer
+    text (bounded, emptied when full); each peer still gets its own answer."""
+    from gateway import routes
+    from gateway.config import validate
+    from tests.conftest import gateway_config
+
+    cfg = gateway_config("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3", None)
+    cfg["server"]["trusted_proxies"] = ["10.0.0.0/8", "192.0.2.7/32"]
+    trust = routes.Trust(validate(cfg, env={}))
+    parsed: list[str] = []
+    work = routes.ipaddress.ip_address
+
+    def counted(text: str) -> Any:
+        parsed.append(text)
+        return work(text)
+
+    monkeypatch.setattr(routes.ipaddress, "ip_address", counted)
+    peers = {"10.1.2.3": True, "192.0.2.7": True, "192.0.2.8": False, "not-an-ip": False}
+    for _ in range(3):
+        assert {peer: trust.is_trusted(peer) for peer in peers} == peers
+    assert parsed == list(peers)
+    monkeypatch.setattr(routes, "_PEERS_KEPT", 4)
+    assert trust.is_trusted("11.0.0.1") is False  # the table was full: it starts again
+    assert trust.is_trusted("10.1.2.3") is True
+    assert parsed[-2:] == ["11.0.0.1", "10.1.2.3"]
