@@ -29,8 +29,9 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.cookies import CookiePolicy
 from gateway.crypto import KeyRing, decode_secret
-from gateway.headers import upstream_headers
-from gateway.logs import configure_logging
+from gateway.gate import Gate
+from gateway.headers import client_headers, upstream_headers
+from gateway.logs import CoalescedStream, configure_logging
 from gateway.metrics import Metrics
 from gateway.middleware import log_access
 from gateway.policy import RouteTable, check_requirements, normalize_path
@@ -70,6 +71,15 @@ def _wrk_headers(host: str, cookie_name: str, cookie: str) -> CIMultiDictProxy[s
     return CIMultiDictProxy(CIMultiDict({"Host": host, "Cookie": f"{cookie_name}={cookie}"}))
 
 
+# Access lines written together in the access-log piece, as if that many requests ended in
+# one loop iteration (a figure picked for the piece, not measured under load).
+_LINES_A_WRITE = 8
+# The backend's answer headers (nginx, `return 200 "ok"`).
+_NGINX_ANSWER = [("Server", "nginx"), ("Date", "Sun, 29 Nov 2026 01:00:00 GMT"),
+                 ("Content-Type", "text/plain"), ("Content-Length", "3"),
+                 ("Connection", "keep-alive")]  # fmt: skip
+
+
 @contextlib.contextmanager
 def _access_log_to_null() -> Any:
     """The gateway's JSON log set-up, writing to /dev/null instead of stderr."""
@@ -77,7 +87,7 @@ def _access_log_to_null() -> Any:
     saved = (root.handlers[:], root.level)
     with open(os.devnull, "w") as null:
         configure_logging("json", "info")
-        root.handlers[0].setStream(null)  # type: ignore[attr-defined]
+        root.handlers[0].setStream(CoalescedStream(null))  # type: ignore[attr-defined]
         try:
             yield
         finally:
@@ -126,9 +136,16 @@ async def measure(
         extra = {"request_id": "0" * 32, "method": "GET", "path": "/", "status": 200,
                  "duration_ms": 1.23, "route": "/", "remote": "127.0.0.1"}  # fmt: skip
         with _access_log_to_null():
-            add("access-log line (JSON, to /dev/null)",
-                best(lambda: log_access("GET", "/", 200, dict(extra)), n),
-                "`middleware.log_access`: the line made directly (`logs.json_line`, no `LogRecord`), written and flushed")  # fmt: skip
+            handler = logging.getLogger().handlers[0]
+            lines = iter(range(1 << 62))
+
+            def access_line() -> None:
+                log_access("GET", "/", 200, dict(extra))
+                if next(lines) % _LINES_A_WRITE == _LINES_A_WRITE - 1:
+                    handler.flush()  # what the loop's next iteration does
+
+            add("access-log line (JSON, to /dev/null)", best(access_line, n),
+                f"`middleware.log_access`: the line made directly (`logs.json_line`, no `LogRecord`), collected and written {_LINES_A_WRITE} lines a write (`logs.CoalescedStream`)")  # fmt: skip
         add("request id (validate the client's, else generate)",
             best(lambda: _request_id(headers), n), "`middleware.request_id`: regex match, else an id from a pool of random bytes")  # fmt: skip
         add("metrics observe", best(lambda: metrics.observe("/", 200, 0.002), n),
@@ -137,6 +154,9 @@ async def measure(
         # -- authentication ----------------------------------------------------------------
         add("path normalise + route match",
             best(lambda: routes.match(normalize_path("/")), n), "`normalize_path`, `RouteTable.match`")  # fmt: skip
+        gate, compiled_routes = Gate(), Routes(settings, lambda _: None)  # type: ignore[arg-type,return-value]
+        add("Gate.resolve (repeat path)", best(lambda: gate.resolve("/", compiled_routes), n),
+            "what the gate does per request: the normalized path and route remembered per raw path (a new path adds the row above and the own-endpoint checks)")  # fmt: skip
         add("cookie open (ticket AEAD)", best(lambda: Ticket.from_cookie(cookie, ring), n),
             "`Ticket.from_cookie`: base64 + AES-GCM open under the cookie key ring")  # fmt: skip
         add("store key (SHA-256 of the id)",
@@ -185,6 +205,9 @@ async def measure(
                 forwarded_for=t.forwarded_for, forwarded_proto=t.forwarded_proto,
                 forwarded_host=t.forwarded_host, host=None, keep_content_length=False), n),
             "`headers.upstream_headers`: strip, own-cookie filter, X-Forwarded-*, identity")  # fmt: skip
+        answer = CIMultiDictProxy(CIMultiDict(_NGINX_ANSWER))
+        add("client response headers", best(lambda: client_headers(answer, own_cookies), n),
+            "`headers.client_headers`: hop-by-hop and own `Set-Cookie` removed from nginx's answer")  # fmt: skip
         with _access_log_to_null():
             whole, areas, top = await _whole_requests(settings, cookie, backend_url, n_io)
             rows.extend(whole)

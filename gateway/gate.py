@@ -20,11 +20,15 @@ from gateway.routes import (
     EMITTED_ELSEWHERE,
     MAX_CLAIM_HEADER,
     CompiledRoute,
+    Routes,
     identity_headers,
 )
 
 # Re-exported: tests and tools name these through the gate.
 __all__ = ["ASSERTION_HEADER", "EMITTED_ELSEWHERE", "MAX_CLAIM_HEADER", "Gate", "identity_headers"]
+
+# Raw paths whose route the gate remembers (``Gate.resolve``); emptied when full.
+RESOLVED_KEPT = 1024
 
 
 class Gate:
@@ -34,6 +38,8 @@ class Gate:
         # The gateway's own endpoints (``own``), by exact path and by path prefix.
         self.own_paths: set[str] = set()
         self.own_prefixes: list[str] = [paths.OWN_PREFIX]
+        # raw path (before "?") -> (normalized path, route): see ``resolve``.
+        self._resolved: dict[str, tuple[str, CompiledRoute]] = {}
 
     def own(self, path: str, handler: Handler, *, prefix: bool = False) -> Handler:
         """Register ``path`` as an own endpoint; the returned handler answers only requests
@@ -62,13 +68,25 @@ class Gate:
             or any(path.startswith(p) for p in self.own_prefixes)
         )
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        app = request.app
+    def resolve(self, raw_path: str, routes: Routes) -> tuple[str, CompiledRoute]:
+        """The normalized path and the route of a request's raw path (query included or
+        not); raises ``BadRequest`` (an ambiguous spelling) or ``NotFound`` (an own
+        endpoint's path, or no route).
+
+        The answer depends on nothing but the raw path's bytes before "?" and this app's
+        own endpoints and routes, fixed once it serves (a reload builds a new app, so a new
+        gate). So the paths that reached a route are remembered, keyed by exactly those
+        bytes; refused paths are worked out every time. The table holds at most
+        ``RESOLVED_KEPT`` paths (each at most ``MAX_PATH`` long) and is emptied when full.
+        """
+        key = raw_path.partition("?")[0]
+        kept = self._resolved.get(key)
+        if kept is not None:
+            return kept
         try:
-            path = normalize_path(request.raw_path)
+            path = normalize_path(key)
         except PathRejected as exc:
             raise BadRequest(str(exc)) from None
-        routes = app[keys.ROUTES]
         if self.is_own_path(path) or self.is_own_path(routes.key(path)):
             # The gateway's own paths: an endpoint with the wrong method, another spelling
             # (//oauth2/start, /%6detrics, /oauth2./auth) or an unknown one under /oauth2/
@@ -80,6 +98,14 @@ class Gate:
             raise BadRequest(str(exc)) from None
         if route is None:
             raise NotFound()
+        if len(self._resolved) >= RESOLVED_KEPT:
+            self._resolved.clear()
+        kept = self._resolved[key] = (path, route)
+        return kept
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        app = request.app
+        path, route = self.resolve(request.raw_path, app[keys.ROUTES])
         request[keys.ROUTE_LABEL] = route.prefix
         if route.public:
             return await self._forward(request, route, path, {}, route.strip)

@@ -203,6 +203,34 @@ def encode_value(text: str, *, list_item: bool = False) -> str:
     return "".join(out)
 
 
+# What ``upstream_headers`` works out once for the few header sets it is called with (a
+# route's strip sets, the names a route injects): bounded, emptied when full.
+_KEPT = 64
+_removed_sets: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
+_injected_names: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _removed(strip: frozenset[str], websocket: bool) -> frozenset[str]:
+    """The names always removed from a request: the decided ones and ``strip``."""
+    key = (strip, websocket)
+    found = _removed_sets.get(key)
+    if found is None:
+        if len(_removed_sets) >= _KEPT:
+            _removed_sets.clear()
+        found = (_REQUEST_DECIDED_WS if websocket else _REQUEST_DECIDED) | strip
+        _removed_sets[key] = found
+    return found
+
+
+def _normalized_names(names: tuple[str, ...]) -> frozenset[str]:
+    found = _injected_names.get(names)
+    if found is None:
+        if len(_injected_names) >= _KEPT:
+            _injected_names.clear()
+        found = _injected_names[names] = frozenset(normalize(n) for n in names)
+    return found
+
+
 def upstream_headers(
     headers: CIMultiDictProxy[str],
     *,
@@ -223,17 +251,18 @@ def upstream_headers(
     are set, so a name the client lists in ``Connection`` can remove its own headers
     but never the gateway's.
     """
-    decided = _REQUEST_DECIDED_WS if websocket else _REQUEST_DECIDED
+    removed = _removed(strip, websocket)
     connection = headers.getall("Connection", ())
     listed = connection_tokens(connection) if connection else _NONE
-    injected = {normalize(name) for name in inject}
+    injected = _normalized_names(tuple(inject)) if inject else _NONE
     out: CIMultiDict[str] = CIMultiDict()
     cookies: list[str] = []
     for name, value in headers.items():
-        norm = normalize(name)
+        norm = name.lower()  # normalize(), inlined: it runs for every header
+        if "_" in norm:
+            norm = norm.replace("_", "-")
         if (
-            norm in decided
-            or norm in strip
+            norm in removed
             or norm in injected
             or norm in listed
             or norm.startswith(_DECIDED_PREFIXES)
@@ -275,7 +304,9 @@ def client_headers(headers: CIMultiDictProxy[str], own_cookies: OwnCookies) -> C
     listed = connection_tokens(connection) if connection else _NONE
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        norm = normalize(name)
+        norm = name.lower()  # normalize(), inlined: it runs for every header
+        if "_" in norm:
+            norm = norm.replace("_", "-")
         if norm in HOP_BY_HOP or norm in listed:
             continue
         if norm == "set-cookie" and own_cookies.matches(set_cookie_name(value)):

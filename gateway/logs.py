@@ -16,11 +16,14 @@ of what it held back, and a line when the cause has gone away).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import logging
 import math
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -189,7 +192,7 @@ def json_line(
     return json.dumps(data)
 
 
-def json_stream_handler(logger: logging.Logger) -> logging.StreamHandler[IO[str]] | None:
+def json_stream_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
     """The handler an INFO record of ``logger`` reaches, when that is all that happens to it:
     one plain ``StreamHandler`` with the ``EscapingJsonFormatter``, no filter on the way, no
     other handler. None otherwise (a test's capture, a filter, the text format...): the
@@ -216,17 +219,87 @@ def json_stream_handler(logger: logging.Logger) -> logging.StreamHandler[IO[str]
     return handler
 
 
-def write_line(handler: logging.StreamHandler[IO[str]], line: str, record: LogRecordMaker) -> None:
+def write_line(handler: logging.StreamHandler[Any], line: str, record: LogRecordMaker) -> None:
     """What ``Handler.handle`` and ``StreamHandler.emit`` do with a formatted record: the
     line and the terminator written and flushed under the handler's lock; a failure goes to
-    ``handleError`` with the record ``record()`` makes, as ``emit`` would report it."""
+    ``handleError`` with the record ``record()`` makes, as ``emit`` would report it. A
+    ``CoalescedStream`` is not flushed here: it writes the iteration's lines together."""
     with handler.lock:  # type: ignore[union-attr]
         try:
             stream = handler.stream
             stream.write(line + handler.terminator)
-            stream.flush()
+            if type(stream) is not CoalescedStream:
+                stream.flush()
         except Exception:
             handler.handleError(record())
+
+
+class CoalescedStream:
+    """The log stream ``configure_logging`` sets up around the real one (stderr).
+
+    Text written while an event loop runs in this thread is collected and reaches the real
+    stream in one write and one flush in the loop's next iteration (one ``call_soon``
+    however many lines were written), or sooner when ``flush`` is called: every record that
+    takes the ``logging`` way is flushed by its handler, and what was collected before it
+    goes first, so lines stay whole and in order. Without a running loop (start-up, other
+    threads, the CLI) text is written and flushed at once, after anything collected.
+    ``flush_logs`` flushes what is left when a process stops serving.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        # The loop whose next iteration writes ``_pending`` (None once written): a loop that
+        # stopped before that iteration (a closed test loop) leaves it to the next one.
+        self._flusher: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def name(self) -> Any:
+        return getattr(self.stream, "name", "")
+
+    def write(self, text: str) -> int:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            if loop is not None:
+                if self._flusher is not loop:
+                    loop.call_soon(self._flush_soon)
+                    self._flusher = loop
+                self._pending.append(text)
+                return len(text)
+            self._write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write("")
+
+    def _write(self, text: str) -> None:  # under the lock
+        self._flusher = None
+        if self._pending:
+            text = "".join(self._pending) + text
+            self._pending.clear()  # first: a failing stream does not get them again
+        if text:
+            self.stream.write(text)
+        self.stream.flush()
+
+    def _flush_soon(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # what ``Handler.handleError`` does for a record it cannot write
+            if logging.raiseExceptions:
+                with contextlib.suppress(Exception):
+                    traceback.print_exc(file=sys.__stderr__)
+
+
+def flush_logs() -> None:
+    """Flush the root logger's handlers (what a ``CoalescedStream`` still holds)."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
 
 
 class EscapingJsonFormatter(JsonFormatter):
@@ -275,7 +348,7 @@ class EscapingJsonFormatter(JsonFormatter):
 def configure_logging(
     fmt: str = "json", level: str = "info", stream: IO[str] | None = None
 ) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(CoalescedStream(stream or sys.stderr))
     handler.setFormatter(EscapingJsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -15,7 +15,7 @@ import functools
 import logging
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote
 
 import aiohttp
@@ -52,9 +52,13 @@ _WS_CLOSE_TIMEOUT = 5.0
 BUFFER_LIMIT = 64 * 1024
 
 
-@dataclass(frozen=True)
-class ProxyTarget:
-    """Everything the caller decided about one forwarded request."""
+class ProxyTarget(NamedTuple):
+    """Everything the caller decided about one forwarded request.
+
+    Made once per request: a named tuple (immutable, like the frozen dataclass it was,
+    and built in less than half the time: a frozen dataclass sets each of its 14 fields
+    through ``object.__setattr__``).
+    """
 
     upstream: URL
     path: str

@@ -109,6 +109,9 @@ def identity_headers(mapping: Mapping[str, str], identity: Identity) -> dict[str
     return out
 
 
+_PEERS_KEPT = 4096
+
+
 class Trust:
     """``server.trusted_proxies`` and the public URL: whose forwarding headers to believe."""
 
@@ -117,16 +120,27 @@ class Trust:
         public = URL(settings.server.public_url)
         self.public_host = public.raw_authority
         self.public_proto = public.scheme
+        # peer address text -> trusted: the answer for the peers seen (a front proxy's few
+        # addresses, every client's when there is none), emptied when it holds
+        # ``_PEERS_KEPT``. Built with the app: a reload's new list starts a new table.
+        self._peers: dict[str, bool] = {}
 
     def is_trusted(self, peer: str | None) -> bool:
         """Whether the peer address is one of ``server.trusted_proxies``."""
         if not peer or not self.trusted:
             return False
-        try:
-            ip = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.trusted)
+        known = self._peers.get(peer)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(peer)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in net for net in self.trusted)
+            if len(self._peers) >= _PEERS_KEPT:
+                self._peers.clear()
+            self._peers[peer] = known
+        return known
 
     def forwarded(self, request: web.Request) -> tuple[str, str, str]:
         """X-Forwarded-For/-Proto/-Host: believed only from trusted proxies (SECURITY.md 16)."""

@@ -47,6 +47,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway import __version__, paths
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import flush_logs
 
 log = logging.getLogger("gateway.server")
 
@@ -536,6 +537,7 @@ def run_single(settings: Settings, config_path: str | None) -> int:
         asyncio.run(_serve(settings, config_path, sock))
     finally:
         sock.close()
+        flush_logs()
     return 0
 
 
@@ -587,7 +589,10 @@ def _worker_main(
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent_pid)
-    asyncio.run(_serve(settings, config_path, sock, parent_pid))
+    try:
+        asyncio.run(_serve(settings, config_path, sock, parent_pid))
+    finally:
+        flush_logs()  # multiprocessing ends a worker with os._exit: no atexit flush
 
 
 @dataclass

@@ -828,3 +828,70 @@ def test_identity_headers_are_kept_per_identity_object(monkeypatch: pytest.Monke
     changed = Identity("alice", {"email": "alice@new.example"})
     assert route.identity(changed)["X-Forwarded-Email"] == "alice@new.example"
     assert made == ["alice", "alice"]
+
+
+def test_resolved_paths_are_kept_per_exact_raw_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate works a raw path's normalized path and route out once and remembers it by
+    the exact raw path (before "?"): another spelling of the same path is worked out (and
+    kept) on its own, a refused path is worked out every time and never kept, and the
+    table is emptied when it is full."""
+    from gateway import gate
+    from gateway.config import validate
+    from gateway.errors import BadRequest, NotFound
+    from gateway.routes import Routes
+    from tests.conftest import gateway_config
+
+    cfg = gateway_config("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3", None)
+    routes = Routes(validate(cfg, env={}), lambda _: None)  # type: ignore[arg-type,return-value]
+    g = gate.Gate()
+    g.own("/oauth2/start", lambda r: None)  # type: ignore[arg-type,return-value]
+    seen: list[str] = []
+    work = gate.normalize_path
+
+    def counted(raw: str) -> str:
+        seen.append(raw)
+        return work(raw)
+
+    monkeypatch.setattr(gate, "normalize_path", counted)
+    first = g.resolve("/a/b?x=1", routes)
+    assert first[0] == "/a/b"
+    assert g.resolve("/a/b?y=2", routes) is first  # the query is not part of the key
+    assert g.resolve("/a/./b", routes) == first and g.resolve("/a/./b", routes) is not first
+    assert seen == ["/a/b", "/a/./b"]
+    for refused, error in (("/a/%2f", BadRequest), ("//oauth2/start", NotFound)):
+        for _ in range(2):
+            with pytest.raises(error):
+                g.resolve(refused, routes)
+    assert seen[2:] == ["/a/%2f", "/a/%2f", "//oauth2/start", "//oauth2/start"]
+    monkeypatch.setattr(gate, "RESOLVED_KEPT", 2)
+    g.resolve("/c", routes)  # the third path: the table was full, so it starts again
+    assert g.resolve("/a/b", routes) is not first
+    assert seen[-2:] == ["/c", "/a/b"]
+
+
+def test_trusted_proxy_answers_are_kept_per_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Trust.is_trusted`` parses a peer address once and keeps the answer per exact peer
+    text (bounded, emptied when full); each peer still gets its own answer."""
+    from gateway import routes
+    from gateway.config import validate
+    from tests.conftest import gateway_config
+
+    cfg = gateway_config("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3", None)
+    cfg["server"]["trusted_proxies"] = ["10.0.0.0/8", "192.0.2.7/32"]
+    trust = routes.Trust(validate(cfg, env={}))
+    parsed: list[str] = []
+    work = routes.ipaddress.ip_address
+
+    def counted(text: str) -> Any:
+        parsed.append(text)
+        return work(text)
+
+    monkeypatch.setattr(routes.ipaddress, "ip_address", counted)
+    peers = {"10.1.2.3": True, "192.0.2.7": True, "192.0.2.8": False, "not-an-ip": False}
+    for _ in range(3):
+        assert {peer: trust.is_trusted(peer) for peer in peers} == peers
+    assert parsed == list(peers)
+    monkeypatch.setattr(routes, "_PEERS_KEPT", 4)
+    assert trust.is_trusted("11.0.0.1") is False  # the table was full: it starts again
+    assert trust.is_trusted("10.1.2.3") is True
+    assert parsed[-2:] == ["11.0.0.1", "10.1.2.3"]

@@ -215,3 +215,30 @@ def test_own_cookie_prefixes_match_any_spelling_and_an_empty_prefix_matches_noth
     assert own.matches("__secure-gw-login-")
     assert not own.matches("other") and not own.matches("gw-logi")
     assert OwnCookies((), ("",)) == OwnCookies()
+
+
+def test_strip_sets_and_injected_names_worked_out_once_are_each_calls_own() -> None:
+    """``upstream_headers`` keeps the union of the decided names and a strip set, and the
+    normalized injected names, per set it is called with (bounded): every call still
+    removes exactly its own strip set and its own injected names, in any spelling, also
+    after the kept tables were emptied."""
+    from gateway import headers
+
+    def send(strip: frozenset[str], inject: dict[str, str], websocket: bool) -> CIMultiDict[str]:
+        sent = CIMultiDict([(f"x-{i}", "client") for i in range(3 * headers._KEPT)])
+        sent.add("Sec-WebSocket-Key", "client")
+        return upstream_headers(
+            CIMultiDictProxy(sent), strip=strip, inject=inject, own_cookies=OWN,
+            forwarded_for="", forwarded_proto="", forwarded_host="", host=None,
+            keep_content_length=False, websocket=websocket,
+        )  # fmt: skip
+
+    for i in range(3 * headers._KEPT):  # more sets than the tables keep
+        out = send(frozenset({f"x-{i}"}), {f"X_{(i + 1) % (3 * headers._KEPT)}": "gw"}, i % 2 == 1)
+        gone = {f"x-{i}", f"x-{(i + 1) % (3 * headers._KEPT)}"}
+        assert [k for k in out if out[k] == "client"] == [
+            *(f"x-{j}" for j in range(3 * headers._KEPT) if f"x-{j}" not in gone),
+            *(["Sec-WebSocket-Key"] if i % 2 == 0 else []),
+        ]
+        assert len(headers._removed_sets) <= headers._KEPT
+        assert len(headers._injected_names) <= headers._KEPT

@@ -13,6 +13,7 @@ every captured record: literally and inside base64 runs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -490,11 +491,11 @@ def test_configure_logging_writes_json_lines(capsys: pytest.CaptureFixture[str])
 
 
 @contextlib.contextmanager
-def configured(fmt: str) -> Iterator[io.StringIO]:
+def configured(fmt: str, buf: io.StringIO | None = None) -> Iterator[io.StringIO]:
     """``configure_logging(fmt)`` into a buffer, the previous set-up restored afterwards."""
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").level)
-    buf = io.StringIO()
+    buf = io.StringIO() if buf is None else buf
     try:
         configure_logging(fmt, "info", stream=buf)
         yield buf
@@ -844,3 +845,86 @@ def test_generated_request_ids_are_random_hex_and_a_forked_worker_draws_its_own(
     os.waitpid(pid, 0)
     assert re.fullmatch(r"[0-9a-f]{32}", child)
     assert child != request_id("") and child not in ids and child != parent_next
+
+
+class CountedStream(io.StringIO):
+    """A stream that records each write it gets and counts its flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+async def test_access_lines_of_one_loop_iteration_are_one_write_in_order() -> None:
+    """While a loop runs, the access lines written in one iteration reach the stream in one
+    write and one flush, in the next iteration, whole and in order; a record that takes
+    the ``logging`` way (a warning) is written at once, after the lines before it; with no
+    loop running a line is written and flushed at once."""
+    from gateway import middleware
+
+    def access(i: int) -> None:
+        fields: dict[str, object] = {"request_id": f"r{i}", "method": "GET", "path": f"/{i}"}
+        middleware.log_access("GET", f"/{i}", 200, fields)
+
+    stream = CountedStream()
+    with configured("json", stream):
+        for i in range(50):
+            access(i)
+        assert stream.writes == [] and stream.flushes == 0
+        await asyncio.sleep(0)
+        assert len(stream.writes) == 1 and stream.flushes == 1
+        assert [json.loads(ln)["path"] for ln in stream.writes[0].splitlines()] == [
+            f"/{i}" for i in range(50)
+        ]
+        access(50)
+        access(51)
+        logging.getLogger("gateway.test").warning("in between")
+        assert len(stream.writes) == 2
+        access(52)
+        await asyncio.sleep(0)
+        records = [json.loads(ln) for ln in stream.getvalue().splitlines()]
+        assert [r.get("path", r["message"]) for r in records[50:]] == [
+            "/50", "/51", "in between", "/52",
+        ]  # fmt: skip
+        assert len(stream.writes) == 3
+
+
+def test_access_line_without_a_running_loop_is_written_at_once() -> None:
+    from gateway import middleware
+
+    stream = CountedStream()
+    with configured("json", stream):
+        middleware.log_access("GET", "/x", 200, {"path": "/x"})
+        assert len(stream.writes) == 1 and stream.flushes == 1
+        assert json.loads(stream.getvalue())["path"] == "/x"
+
+
+def test_lines_a_stopped_loop_left_behind_are_written_by_the_next_loop() -> None:
+    """A loop that stopped before the iteration that would write the collected lines
+    leaves them to the next loop that writes: they go out with its lines, in order."""
+    from gateway.logs import CoalescedStream
+
+    buf = io.StringIO()
+    stream = CoalescedStream(buf)
+    first = asyncio.new_event_loop()
+    try:
+        first.call_soon(lambda: (stream.write("a\n"), first.stop()))
+        first.run_forever()  # stopped before the writing iteration
+    finally:
+        first.close()
+    assert buf.getvalue() == ""
+
+    async def write_b() -> None:
+        stream.write("b\n")
+        await asyncio.sleep(0)
+
+    asyncio.run(write_b())
+    assert buf.getvalue() == "a\nb\n"

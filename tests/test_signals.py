@@ -5,6 +5,7 @@ leaves no orphan, a taken port is an error, and ``/metrics`` sums over workers."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -364,3 +365,39 @@ async def test_the_heap_is_frozen_and_a_retired_apps_cycles_are_freed() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_loses_no_access_line(tmp_path: Path, workers: int) -> None:
+    """The JSON access lines a worker collects during a loop iteration (gateway.logs,
+    ``CoalescedStream``) all reach the log, whole, before the process exits on SIGTERM,
+    in one process and in ``--workers`` workers (which end with ``os._exit``)."""
+    echo = await start_echo()
+    cfg = public_config(str(echo.url))
+    cfg["observability"] = {"log_format": "json", "log_level": "info"}
+    args = ["--workers", str(workers)] if workers > 1 else []
+    gw = await start_gateway_process(cfg, tmp_path, args=args)
+    try:
+        if workers > 1:
+            await wait_for(lambda: len(worker_pids(gw)) == workers, "the workers")
+        n = 60
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def fetch(i: int) -> int:
+                async with http.get(f"{gw.url}/logged/{i}") as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await asyncio.gather(*(fetch(i) for i in range(n))) == [200] * n
+        gw.process.send_signal(signal.SIGTERM)
+        assert await wait_exit(gw) == 0
+        records = [json.loads(line) for line in gw.log().splitlines()]
+        access = [r["path"] for r in records if r["logger"] == "gateway.access"]
+        paths = sorted(p for p in access if p.startswith("/logged/"))  # not the start's /healthz
+        assert paths == sorted(f"/logged/{i}" for i in range(n))
+        drained = [r for r in records if r["message"] == "drained; exiting"]
+        assert len(drained) == workers
+    finally:
+        await gw.close()
+        await echo.close()
