@@ -270,10 +270,14 @@ class RedisClusterSet:
         return [n for n in self.nodes if n.proc and _role(n.port, self.password) == "master"]
 
     def wait_replicated(self) -> None:
+        # After a restart of every node the replicas resynchronise first (a full sync on a
+        # busy machine can outlast WAIT's own timeout): wait for their links, then for each
+        # primary's writes to reach its replica.
+        wait_for(self.replicas_in_sync, "the cluster replicas to sync")
         for node in self.primaries():
             client = redis.Redis(port=node.port, password=self.password)
             try:
-                assert client.execute_command("WAIT", 1, 3000) == 1
+                assert client.execute_command("WAIT", 1, 10000) == 1
             finally:
                 client.close()
 
