@@ -22,6 +22,7 @@ from gateway.crypto import KeyRing, decode_secret, new_secret
 from gateway.session import Ticket
 from tests.conftest import Stack, StackFactory
 from tests.idp_client import FormParser, http_login
+from tests.support.spy import record_first_args
 
 HOST_COOKIE = "__Host-gateway"
 NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
@@ -489,14 +490,7 @@ async def test_session_value_is_what_aiohttp_reads_and_is_remembered_per_header(
     from gateway.cookies import CookiePolicy
 
     policy = CookiePolicy("gw", True, "Lax")
-    parsed: list[str] = []
-    real = web_request.parse_cookie_header
-
-    def counted(header: str) -> Any:
-        parsed.append(header)
-        return real(header)
-
-    monkeypatch.setattr(web_request, "parse_cookie_header", counted)
+    parsed = record_first_args(monkeypatch, web_request, "parse_cookie_header")
 
     async def handler(request: web.Request) -> web.Response:
         value = policy.session_value(request)

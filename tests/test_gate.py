@@ -22,6 +22,7 @@ from yarl import URL
 from tests.conftest import Stack, StackFactory, free_port
 from tests.idp_client import http_login
 from tests.support.raw import raw_get, raw_request
+from tests.support.spy import record_first_args
 
 NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 API = {"Accept": "application/json"}
@@ -845,14 +846,7 @@ def test_resolved_paths_are_kept_per_exact_raw_path(monkeypatch: pytest.MonkeyPa
     routes = Routes(validate(cfg, env={}), lambda _: None)  # type: ignore[arg-type,return-value]
     g = gate.Gate()
     g.own("/oauth2/start", lambda r: None)  # type: ignore[arg-type,return-value]
-    seen: list[str] = []
-    work = gate.normalize_path
-
-    def counted(raw: str) -> str:
-        seen.append(raw)
-        return work(raw)
-
-    monkeypatch.setattr(gate, "normalize_path", counted)
+    seen = record_first_args(monkeypatch, gate, "normalize_path")
     first = g.resolve("/a/b?x=1", routes)
     assert first[0] == "/a/b"
     assert g.resolve("/a/b?y=2", routes) is first  # the query is not part of the key
@@ -879,14 +873,7 @@ def test_trusted_proxy_answers_are_kept_per_peer(monkeypatch: pytest.MonkeyPatch
     cfg = gateway_config("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3", None)
     cfg["server"]["trusted_proxies"] = ["10.0.0.0/8", "192.0.2.7/32"]
     trust = routes.Trust(validate(cfg, env={}))
-    parsed: list[str] = []
-    work = routes.ipaddress.ip_address
-
-    def counted(text: str) -> Any:
-        parsed.append(text)
-        return work(text)
-
-    monkeypatch.setattr(routes.ipaddress, "ip_address", counted)
+    parsed = record_first_args(monkeypatch, routes.ipaddress, "ip_address")
     peers = {"10.1.2.3": True, "192.0.2.7": True, "192.0.2.8": False, "not-an-ip": False}
     for _ in range(3):
         assert {peer: trust.is_trusted(peer) for peer in peers} == peers

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.crypto import KeyRing, OpenError, b64u_decode, b64u_encode
 from gateway.session import SESSION_PURPOSE, Identity, Session, Ticket, Tokens
+from tests.support.spy import record_first_args
 
 RING = KeyRing([bytes(range(32))])
 OTHER_RING = KeyRing([bytes(range(100, 132))])
@@ -236,14 +237,7 @@ def test_store_key_is_worked_out_once_per_ticket(monkeypatch: pytest.MonkeyPatch
 
     ticket = Ticket.new()
     want = hashlib.sha256(b"gateway-store-key\x00" + ticket.session_id).hexdigest()
-    hashed: list[bytes] = []
-    real = hashlib.sha256
-
-    def counted(data: bytes) -> object:
-        hashed.append(data)
-        return real(data)
-
-    monkeypatch.setattr(session_module.hashlib, "sha256", counted)
+    hashed = record_first_args(monkeypatch, session_module.hashlib, "sha256")
     again = Ticket(ticket.session_id, ticket.key)
     assert [again.store_key for _ in range(3)] == [want] * 3
     assert len(hashed) == 1
