@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from pathlib import Path
@@ -17,25 +16,14 @@ from gateway.healthcheck import healthz_url
 from tests.conftest import RedisServer, Stack, free_port, gateway_config
 from tests.gateway_proc import command_env, gateway_command, start_gateway_process
 from tests.idp_client import http_login
-from tests.support.processes import serving
+from tests.support.processes import run_command, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *gateway_command(), *args, env=command_env(env), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_command([*gateway_command(), *args], cwd=ROOT, env=command_env(env))
 
 
 def _free_triple() -> int:

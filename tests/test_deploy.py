@@ -19,6 +19,7 @@ import yaml
 from gateway.config import validate
 from gateway.crypto import new_secret
 from tests.gateway_proc import command_env, gateway_command
+from tests.support.processes import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -47,14 +48,8 @@ CONFIG_ENV = {
 
 
 async def check_config(path: Path) -> tuple[int, str, str]:
-    env = command_env(CONFIG_ENV)
-    proc = await asyncio.create_subprocess_exec(
-        *gateway_command(), "check-config", "--config", str(path), env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    argv = [*gateway_command(), "check-config", "--config", str(path)]
+    return await run_command(argv, cwd=ROOT, env=command_env(CONFIG_ENV))
 
 
 def manifests() -> list[Path]:

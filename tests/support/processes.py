@@ -101,11 +101,14 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository root
 async def gateway(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run the gateway command; return (exit code, stdout, stderr)."""
     full_env = command_env({"PYTHONPATH": str(ROOT), **(env or {})})
+    return await run_command([sys.executable, "-m", "gateway.cli", *args], cwd=cwd, env=full_env)
+
+
+async def run_command(argv: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run ``argv`` to its end (killed after 60 s); return (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", *args,
-        cwd=cwd, env=full_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        *argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     except TimeoutError:
