@@ -122,7 +122,7 @@ class SessionManager:
         )
         if settings.cache_size > 0 and self._watch is not None:
             self.cache = SessionCache(settings.cache_size, settings.cache_ttl, clock)
-        self._tickets: dict[str, tuple[Ticket, str]] = {}  # cookie -> ticket, store key
+        self._tickets: dict[str, Ticket] = {}  # cookie -> the ticket it opened to
 
     @property
     def provider(self) -> ProviderClient:
@@ -140,22 +140,21 @@ class SessionManager:
         if not cookie_value:
             return None
         cache = self.cache
-        opened = self._tickets.get(cookie_value)
-        if opened is None:
+        ticket = self._tickets.get(cookie_value)
+        if ticket is None:
             try:
                 ticket = Ticket.from_cookie(cookie_value, self.ring)
             except OpenError:
                 return None
-            opened = (ticket, ticket.store_key)
             if cache is not None:
-                self._keep_ticket(cookie_value, opened, cache.size)
-        ticket, key = opened
+                self._keep_ticket(cookie_value, ticket, cache.size)
         if cache is None:
             session = await self._read(ticket)
             return Loaded(ticket, session) if session else None
         if self._watch is not None:
             self._watch(cache)
             self._watch = None
+        key = ticket.store_key  # worked out once, when the ticket was made
         session = cache.get(key, ticket)
         if session is not None:
             return Loaded(ticket, session)
@@ -170,15 +169,15 @@ class SessionManager:
         cache.put(key, ticket, session, generation, now + min(session.ttl(now, idle), idle / 2))
         return Loaded(ticket, session)
 
-    def _keep_ticket(self, cookie: str, opened: tuple[Ticket, str], size: int) -> None:
-        """Remember what a cookie opened to (its ticket and store key), beside the session
-        cache: a repeat request then costs a dictionary lookup, not base64, AES-GCM and
-        SHA-256. A cookie opens to the same ticket under the same key ring whatever the
-        session's state, so this decides nothing about the session; only cookies this
-        gateway sealed get in, at most ``size`` of them (emptied when full)."""
+    def _keep_ticket(self, cookie: str, ticket: Ticket, size: int) -> None:
+        """Remember what a cookie opened to (its ticket, which carries its store key), beside
+        the session cache: a repeat request then costs a dictionary lookup, not base64,
+        AES-GCM and SHA-256. A cookie opens to the same ticket under the same key ring
+        whatever the session's state, so this decides nothing about the session; only
+        cookies this gateway sealed get in, at most ``size`` of them (emptied when full)."""
         if len(self._tickets) >= size:
             self._tickets.clear()
-        self._tickets[cookie] = opened
+        self._tickets[cookie] = ticket
 
     async def _read(self, ticket: Ticket) -> Session | None:
         found = await self._read_record(ticket)
