@@ -328,6 +328,8 @@ class ProviderSettings(_Model):
 
 
 DEFAULT_PROVIDER_ID = "default"
+# The display name of a single ``provider:`` (a ``providers:`` entry without one shows its id).
+DEFAULT_PROVIDER_NAME = "Sign in"
 _PROVIDER_ID = re.compile(r"[a-z0-9-]{1,32}")
 
 
@@ -718,7 +720,7 @@ class Settings(_Model):
         if self.providers is not None:
             return tuple(ProviderRef(p.id, p.display_name or p.id, p) for p in self.providers)
         assert self.provider is not None  # the validator requires one of the two
-        return (ProviderRef(DEFAULT_PROVIDER_ID, "Sign in", self.provider),)
+        return (ProviderRef(DEFAULT_PROVIDER_ID, DEFAULT_PROVIDER_NAME, self.provider),)
 
 
 # -- loading -----------------------------------------------------------------------------------

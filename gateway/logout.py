@@ -19,7 +19,6 @@ from aiohttp import web
 
 from gateway import keys, paths
 from gateway.auth import authenticate
-from gateway.config import DEFAULT_PROVIDER_ID
 from gateway.crypto import OpenError, b64u_encode, constant_time_equal, random_token
 from gateway.errors import (
     BadRequest,
@@ -33,6 +32,7 @@ from gateway.principal import Principal
 from gateway.providers import unverified_issuer
 from gateway.redirects import safe_redirect
 from gateway.session import Session, Ticket
+from gateway.store.base import per_provider
 
 log = logging.getLogger("gateway.logout")
 _LOGOUT_PURPOSE = b"gateway-logout-state"
@@ -251,8 +251,7 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
         await store.delete(meta.key)
     ttl = max(300.0, claims.exp - time.time() + 120)
     # The jti is unique per issuer: another provider's token may reuse it.
-    scope = "" if pid == DEFAULT_PROVIDER_ID else pid + ":"
-    first = await store.claim_once("jti:" + scope + claims.jti, ttl)
+    first = await store.claim_once("jti:" + per_provider(pid, claims.jti), ttl)
     if not first:
         raise BadRequest("logout_token replayed")
     log.info("back-channel logout ended %d session(s)", len(metas))

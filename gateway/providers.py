@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jwt
 
 from gateway.bearer import BearerVerifier, looks_like_jwt
-from gateway.config import DEFAULT_PROVIDER_ID, ProviderRef, RouteSettings
+from gateway.config import DEFAULT_PROVIDER_ID, DEFAULT_PROVIDER_NAME, ProviderRef, RouteSettings
 from gateway.oidc import ProviderClient
 
 
@@ -46,7 +46,7 @@ class Providers:
     @classmethod
     def single(cls, client: ProviderClient, bearer: BearerVerifier | None = None) -> Providers:
         """A single ``provider:`` (id ``default``)."""
-        return cls([Provider(DEFAULT_PROVIDER_ID, "Sign in", client, bearer)])
+        return cls([Provider(DEFAULT_PROVIDER_ID, DEFAULT_PROVIDER_NAME, client, bearer)])
 
     @classmethod
     def of(

@@ -2,8 +2,8 @@
 
 Stores hold opaque sealed bytes under opaque keys; they never see a cookie or a token in the
 clear. Beside each record they keep a small plaintext ``SessionMeta`` (sub, provider sid,
-times, provider id) and indexes from (provider, ``sub``) and (provider, ``sid``) to keys, so back-channel logout and
-``gateway sessions`` find sessions without decrypting them.
+times, provider id) and indexes from (provider, ``sub``) and (provider, ``sid``) to keys, so
+back-channel logout and ``gateway sessions`` find sessions without decrypting them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from gateway.config import DEFAULT_PROVIDER_ID, SessionSettings
+
+
+def per_provider(provider: str, name: str) -> str:
+    """``name`` in ``provider``'s own namespace of store names (indexes, replay caches): a
+    sub, sid or jti is unique only per issuer. Provider ``default`` keeps the bare name, the
+    layout single-provider deployments have always had; the others get ``<id>:<name>``."""
+    return name if provider == DEFAULT_PROVIDER_ID else f"{provider}:{name}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from gateway.config import DEFAULT_PROVIDER_ID
 from gateway.errors import StoreError
-from gateway.store.base import InvalidationListener, SessionMeta
+from gateway.store.base import InvalidationListener, SessionMeta, per_provider
 
 log = logging.getLogger("gateway.store")
 
@@ -218,15 +218,12 @@ class RedisStore:
         return True
 
     def _user_index(self, sub: str, provider: str) -> str:
-        """``u:<hash sub>`` for provider ``default`` (the layout single-provider deployments
-        have always had), ``u:<provider>:<hash sub>`` for the others: a sub is unique only
-        per issuer, and a provider id never looks like a hash (no ``:`` in a hash)."""
-        scope = "" if provider == DEFAULT_PROVIDER_ID else provider + ":"
-        return self._p + "u:" + scope + _h(sub)
+        """``u:<hash sub>`` for provider ``default``, ``u:<provider>:<hash sub>`` for the
+        others (``per_provider``; a provider id never looks like a hash: no ``:`` in one)."""
+        return self._p + "u:" + per_provider(provider, _h(sub))
 
     def _sid_index(self, sid: str, provider: str) -> str:
-        scope = "" if provider == DEFAULT_PROVIDER_ID else provider + ":"
-        return self._p + "p:" + scope + _h(sid)
+        return self._p + "p:" + per_provider(provider, _h(sid))
 
     def _index_into(self, pipe: Any, meta: SessionMeta) -> None:
         users = self._user_index(meta.sub, meta.provider)
