@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.config import SessionSettings
 from gateway.headers import OwnCookies
+from gateway.kept import Kept
 
 # ``CookiePolicy.session_value`` remembers at most this many Cookie headers, each at most
 # ``_KEPT_HEADER`` characters long (a bound on what a flood of distinct headers can hold).
@@ -24,8 +25,8 @@ class CookiePolicy:
     secure: bool
     samesite: str
     # Cookie header -> the session cookie's value in it (see ``session_value``).
-    _values: dict[str, str | None] = field(
-        default_factory=dict, init=False, repr=False, compare=False
+    _values: Kept[str, str | None] = field(
+        default_factory=lambda: Kept(_KEPT_HEADERS), init=False, repr=False, compare=False
     )
 
     @classmethod
@@ -58,9 +59,7 @@ class CookiePolicy:
         if value is _UNSEEN:
             value = request.cookies.get(self.name)
             if len(header) <= _KEPT_HEADER:
-                if len(self._values) >= _KEPT_HEADERS:
-                    self._values.clear()
-                self._values[header] = value
+                self._values.keep(header, value)
         return value  # type: ignore[return-value]
 
     def set(self, resp: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:

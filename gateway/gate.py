@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 from gateway import keys, paths
 from gateway.auth import authenticate, unauthenticated
 from gateway.errors import BadRequest, NotFound
+from gateway.kept import Kept
 from gateway.policy import PathRejected, normalize_path
 from gateway.principal import Principal
 from gateway.routes import (
@@ -39,7 +40,7 @@ class Gate:
         self.own_paths: set[str] = set()
         self.own_prefixes: list[str] = [paths.OWN_PREFIX]
         # raw path (before "?") -> (normalized path, route): see ``resolve``.
-        self._resolved: dict[str, tuple[str, CompiledRoute]] = {}
+        self._resolved: Kept[str, tuple[str, CompiledRoute]] = Kept(RESOLVED_KEPT)
 
     def own(self, path: str, handler: Handler, *, prefix: bool = False) -> Handler:
         """Register ``path`` as an own endpoint; the returned handler answers only requests
@@ -98,10 +99,7 @@ class Gate:
             raise BadRequest(str(exc)) from None
         if route is None:
             raise NotFound()
-        if len(self._resolved) >= RESOLVED_KEPT:
-            self._resolved.clear()
-        kept = self._resolved[key] = (path, route)
-        return kept
+        return self._resolved.keep(key, (path, route))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         app = request.app

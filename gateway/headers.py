@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.kept import Kept
+
 __all__ = [
     "HOP_BY_HOP",
     "OwnCookies",
@@ -206,8 +208,8 @@ def encode_value(text: str, *, list_item: bool = False) -> str:
 # What ``upstream_headers`` works out once for the few header sets it is called with (a
 # route's strip sets, the names a route injects): bounded, emptied when full.
 _KEPT = 64
-_removed_sets: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
-_injected_names: dict[tuple[str, ...], frozenset[str]] = {}
+_removed_sets: Kept[tuple[frozenset[str], bool], frozenset[str]] = Kept(_KEPT)
+_injected_names: Kept[tuple[str, ...], frozenset[str]] = Kept(_KEPT)
 
 
 def _removed(strip: frozenset[str], websocket: bool) -> frozenset[str]:
@@ -215,19 +217,15 @@ def _removed(strip: frozenset[str], websocket: bool) -> frozenset[str]:
     key = (strip, websocket)
     found = _removed_sets.get(key)
     if found is None:
-        if len(_removed_sets) >= _KEPT:
-            _removed_sets.clear()
-        found = (_REQUEST_DECIDED_WS if websocket else _REQUEST_DECIDED) | strip
-        _removed_sets[key] = found
+        decided = _REQUEST_DECIDED_WS if websocket else _REQUEST_DECIDED
+        found = _removed_sets.keep(key, decided | strip)
     return found
 
 
 def _normalized_names(names: tuple[str, ...]) -> frozenset[str]:
     found = _injected_names.get(names)
     if found is None:
-        if len(_injected_names) >= _KEPT:
-            _injected_names.clear()
-        found = _injected_names[names] = frozenset(normalize(n) for n in names)
+        found = _injected_names.keep(names, frozenset(normalize(n) for n in names))
     return found
 
 

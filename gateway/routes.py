@@ -22,6 +22,7 @@ from gateway.assertion import AssertionSigner, audience_for
 from gateway.config import DEFAULT_IDENTITY_HEADERS, RouteSettings, Settings
 from gateway.cookies import CookiePolicy
 from gateway.headers import OwnCookies, encode_value
+from gateway.kept import Kept
 from gateway.policy import Route, RouteTable
 from gateway.proxy import Forwarder, ProxyTarget
 from gateway.session import Identity
@@ -123,7 +124,7 @@ class Trust:
         # peer address text -> trusted: the answer for the peers seen (a front proxy's few
         # addresses, every client's when there is none), emptied when it holds
         # ``_PEERS_KEPT``. Built with the app: a reload's new list starts a new table.
-        self._peers: dict[str, bool] = {}
+        self._peers: Kept[str, bool] = Kept(_PEERS_KEPT)
 
     def is_trusted(self, peer: str | None) -> bool:
         """Whether the peer address is one of ``server.trusted_proxies``."""
@@ -137,9 +138,7 @@ class Trust:
                 known = False
             else:
                 known = any(ip in net for net in self.trusted)
-            if len(self._peers) >= _PEERS_KEPT:
-                self._peers.clear()
-            self._peers[peer] = known
+            self._peers.keep(peer, known)
         return known
 
     def forwarded(self, request: web.Request) -> tuple[str, str, str]:
@@ -173,8 +172,8 @@ class CompiledRoute:
     connect_timeout: float
     read_timeout: float
     # id(identity) -> (the Identity, its headers): see ``identity``.
-    _identities: dict[int, tuple[Identity, dict[str, str]]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
+    _identities: Kept[int, tuple[Identity, dict[str, str]]] = field(
+        default_factory=lambda: Kept(_IDENTITIES_KEPT), init=False, repr=False, compare=False
     )
 
     @property
@@ -199,10 +198,8 @@ class CompiledRoute:
         """
         kept = self._identities.get(id(identity))
         if kept is None or kept[0] is not identity:
-            if len(self._identities) >= _IDENTITIES_KEPT:
-                self._identities.clear()
-            kept = (identity, identity_headers(self.identity_headers, identity))
-            self._identities[id(identity)] = kept
+            made = identity_headers(self.identity_headers, identity)
+            kept = self._identities.keep(id(identity), (identity, made))
         return dict(kept[1])
 
     def assertion(self, signer: AssertionSigner, identity: Identity, session_id: str | None) -> str:

@@ -26,6 +26,7 @@ from gateway.errors import (
     StoreUnavailable,
     TokenValidationError,
 )
+from gateway.kept import Kept
 from gateway.oidc import ProviderClient, TokenResponse
 from gateway.providers import Providers
 from gateway.session import Identity, Session, Ticket, Tokens
@@ -122,7 +123,8 @@ class SessionManager:
         )
         if settings.cache_size > 0 and self._watch is not None:
             self.cache = SessionCache(settings.cache_size, settings.cache_ttl, clock)
-        self._tickets: dict[str, Ticket] = {}  # cookie -> the ticket it opened to
+        # cookie -> the ticket it opened to (see ``open``): as many as the cache holds.
+        self._tickets: Kept[str, Ticket] = Kept(settings.cache_size)
 
     @property
     def provider(self) -> ProviderClient:
@@ -147,7 +149,11 @@ class SessionManager:
             except OpenError:
                 return None
             if cache is not None:
-                self._keep_ticket(cookie_value, ticket, cache.size)
+                # A repeat request then costs a dictionary lookup, not base64, AES-GCM and
+                # SHA-256. A cookie opens to the same ticket under the same key ring whatever
+                # the session's state, so this decides nothing about the session; only
+                # cookies this gateway sealed get in.
+                self._tickets.keep(cookie_value, ticket)
         if cache is None:
             session = await self._read(ticket)
             return Loaded(ticket, session) if session else None
@@ -168,16 +174,6 @@ class SessionManager:
         idle = self.settings.idle_timeout
         cache.put(key, ticket, session, generation, now + min(session.ttl(now, idle), idle / 2))
         return Loaded(ticket, session)
-
-    def _keep_ticket(self, cookie: str, ticket: Ticket, size: int) -> None:
-        """Remember what a cookie opened to (its ticket, which carries its store key), beside
-        the session cache: a repeat request then costs a dictionary lookup, not base64,
-        AES-GCM and SHA-256. A cookie opens to the same ticket under the same key ring
-        whatever the session's state, so this decides nothing about the session; only
-        cookies this gateway sealed get in, at most ``size`` of them (emptied when full)."""
-        if len(self._tickets) >= size:
-            self._tickets.clear()
-        self._tickets[cookie] = ticket
 
     async def _read(self, ticket: Ticket) -> Session | None:
         found = await self._read_record(ticket)

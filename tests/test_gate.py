@@ -857,7 +857,7 @@ def test_resolved_paths_are_kept_per_exact_raw_path(monkeypatch: pytest.MonkeyPa
             with pytest.raises(error):
                 g.resolve(refused, routes)
     assert seen[2:] == ["/a/%2f", "/a/%2f", "//oauth2/start", "//oauth2/start"]
-    monkeypatch.setattr(gate, "RESOLVED_KEPT", 2)
+    monkeypatch.setattr(g._resolved, "limit", 2)
     g.resolve("/c", routes)  # the third path: the table was full, so it starts again
     assert g.resolve("/a/b", routes) is not first
     assert seen[-2:] == ["/c", "/a/b"]
@@ -878,7 +878,7 @@ def test_trusted_proxy_answers_are_kept_per_peer(monkeypatch: pytest.MonkeyPatch
     for _ in range(3):
         assert {peer: trust.is_trusted(peer) for peer in peers} == peers
     assert parsed == list(peers)
-    monkeypatch.setattr(routes, "_PEERS_KEPT", 4)
+    monkeypatch.setattr(trust._peers, "limit", 4)
     assert trust.is_trusted("11.0.0.1") is False  # the table was full: it starts again
     assert trust.is_trusted("10.1.2.3") is True
     assert parsed[-2:] == ["11.0.0.1", "10.1.2.3"]
