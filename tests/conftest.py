@@ -23,6 +23,7 @@ from gateway.config import Settings, validate
 from gateway.crypto import new_secret
 from gateway.devidp import ClientRegistration, DevIdpConfig, RunningIdp, demo_users, start_devidp
 from gateway.echo import RunningEcho, start_echo
+from tests.support.ports import free_port
 
 CLIENT_ID = "gateway-test"
 CLIENT_SECRET = "test-client-secret-0123456789abcdef"
@@ -38,12 +39,6 @@ SERVICE_LINKS = {
     "GATEWAY_SERVICE_PORT": "4180",
     "GATEWAY_SERVICE_PORT_HTTP": "4180",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -262,7 +257,13 @@ async def make_stack(redis_server: RedisServer) -> AsyncIterator[StackFactory]:
         app = create_app(settings)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+        except BaseException:
+            # The app's client sessions were opened by setup(); left open, they would be
+            # reported by the garbage collector in whichever test runs next.
+            await runner.cleanup()
+            raise
         stack = Stack(url, idp, echo, settings, app, runner)
         started.append(stack)
         return stack

@@ -25,8 +25,9 @@ from gateway.errors import ProviderTransportError, StoreError
 from gateway.middleware import UNAVAILABLE, errors
 from gateway.oidc.par import ParUnavailable
 from gateway.principal import Principal
-from tests.conftest import CLIENT_ID, RedisServer, Stack, free_port
+from tests.conftest import CLIENT_ID, RedisServer, Stack
 from tests.support.calls import API, login
+from tests.support.ports import free_port
 
 StackMaker = Any
 

@@ -21,8 +21,9 @@ from gateway.bearer import BearerVerifier
 from gateway.devidp.keys import corrupt_signature, hs256_with, unsigned
 from gateway.devidp.tokens import access_token_claims, id_token_claims, logout_token_claims
 from gateway.echo import RunningEcho, start_echo
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, Stack, free_port
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, Stack
 from tests.idp_client import http_login
+from tests.support.ports import free_port
 
 API = {"Accept": "application/json"}
 INVALID_TOKEN = 'Bearer realm="gateway", error="invalid_token"'

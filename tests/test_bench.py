@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, gateway_config
+from tests.conftest import gateway_config
 from tests.gateway_proc import start_gateway_process
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,9 @@ import pytest
 from playwright.async_api import BrowserContext, Page, Request
 
 from gateway.echo import RunningEcho, start_echo
-from tests.conftest import RedisServer, Stack, StackFactory, free_port
+from tests.conftest import RedisServer, Stack, StackFactory
 from tests.support.chromium import chromium_context
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.browser
 

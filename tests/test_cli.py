@@ -13,15 +13,9 @@ import yaml
 from gateway.config import validate
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
 from gateway.devidp.config import Faults
-from tests.conftest import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    SERVICE_LINKS,
-    RedisServer,
-    StackFactory,
-    free_port,
-)
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, SERVICE_LINKS, RedisServer, StackFactory
 from tests.idp_client import http_login
+from tests.support.ports import free_port
 from tests.support.processes import gateway
 
 REDIS_PASSWORD = "redis-pass-91c4e7"

@@ -28,9 +28,10 @@ from gateway.oidc.client_auth import (
     audience,
     jwk_thumbprint,
 )
-from tests.conftest import CLIENT_ID, StackFactory, free_port
+from tests.conftest import CLIENT_ID, StackFactory
 from tests.idp_client import FormParser, http_login
 from tests.support.client_keys import certificate, ec_pem, rsa_pem
+from tests.support.ports import free_port
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi"}
 ISSUER = "https://idp.example.com"

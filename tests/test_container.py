@@ -30,15 +30,9 @@ from gateway import __version__
 from gateway.crypto import new_secret
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
 from gateway.echo import start_echo
-from tests.conftest import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    SERVICE_LINKS,
-    RedisServer,
-    free_port,
-    gateway_config,
-)
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, SERVICE_LINKS, RedisServer, gateway_config
 from tests.idp_client import http_login
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.container
 

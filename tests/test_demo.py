@@ -13,9 +13,10 @@ import yaml
 
 from gateway.config import validate
 from gateway.healthcheck import healthz_url
-from tests.conftest import RedisServer, Stack, free_port, gateway_config
+from tests.conftest import RedisServer, Stack, gateway_config
 from tests.gateway_proc import command_env, gateway_command, start_gateway_process
 from tests.idp_client import http_login
+from tests.support.ports import free_port
 from tests.support.processes import run_command, serving
 
 ROOT = Path(__file__).resolve().parent.parent

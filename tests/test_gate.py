@@ -19,8 +19,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.conftest import Stack, StackFactory, free_port
+from tests.conftest import Stack, StackFactory
 from tests.idp_client import http_login
+from tests.support.ports import free_port
 from tests.support.raw import raw_get, raw_request
 from tests.support.spy import record_first_args
 

@@ -23,7 +23,7 @@ from gateway.app import create_app
 from gateway.config import validate
 from gateway.echo import RunningEcho, start_echo
 from gateway.oidc.client_auth import ClientKey
-from tests.conftest import RedisServer, free_port, gateway_config
+from tests.conftest import RedisServer, gateway_config
 from tests.gateway_proc import start_gateway_process
 from tests.interop_idp import (
     INSTALL_HINT,
@@ -34,6 +34,7 @@ from tests.interop_idp import (
     start_interop_idp,
 )
 from tests.support.client_keys import certificate, ec_pem, rsa_pem
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.interop
 

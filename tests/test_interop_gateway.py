@@ -28,7 +28,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import validate
 from gateway.echo import RunningEcho, start_echo
-from tests.conftest import RedisServer, free_port, gateway_config
+from tests.conftest import RedisServer, gateway_config
 from tests.gateway_proc import start_gateway_process
 from tests.interop_idp import (
     INSTALL_HINT,
@@ -38,6 +38,7 @@ from tests.interop_idp import (
     interop_logout,
     start_interop_idp,
 )
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.interop
 

@@ -48,11 +48,12 @@ from gateway.errors import ProviderTransportError
 from gateway.logs import TextFormatter, WarnLimiter, configure_logging
 from gateway.oidc import ProviderClient
 from gateway.session import Ticket
-from tests.conftest import CLIENT_SECRET, RedisServer, Stack, free_port
+from tests.conftest import CLIENT_SECRET, RedisServer, Stack
 from tests.idp_client import http_login
 from tests.support.browser import callback_url, fetch, open_flow, query_of
 from tests.support.clock import sleep_until
 from tests.support.logout import confirmation_form, logout_token
+from tests.support.ports import free_port
 
 API = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
 # Query parameters that carry nothing secret (URLs, names, the client id) and do appear in

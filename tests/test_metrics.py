@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,12 +19,13 @@ import pytest
 
 from gateway.config import ConfigError, validate
 from gateway.echo import RunningEcho, start_echo
-from tests.conftest import CLIENT_SECRET, RedisServer, Stack, free_port, gateway_config
+from tests.conftest import CLIENT_SECRET, RedisServer, Stack, gateway_config
 from tests.support.browser import cookie_value, new_browser
 from tests.support.calls import bearer, call, login
 from tests.support.clock import SHORT, sleep_until
 from tests.support.logout import confirmation_form, logout_token
 from tests.support.metrics import Scrape
+from tests.support.ports import free_port
 
 
 async def scrape(url: str) -> Scrape:
@@ -44,12 +44,6 @@ async def echo() -> AsyncIterator[RunningEcho]:
     running = await start_echo()
     yield running
     await running.close()
-
-
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_request_and_login_metrics_change_as_requests_flow(
@@ -102,7 +96,7 @@ async def test_upstream_and_store_errors_are_counted(
         redis_url=own_redis.url,
         routes=[
             {"prefix": "/", "upstream": url},
-            {"prefix": "/dead", "upstream": f"http://127.0.0.1:{dead_port()}", "auth": "none"},
+            {"prefix": "/dead", "upstream": f"http://127.0.0.1:{free_port()}", "auth": "none"},
             {"prefix": "/_echo/slow", "upstream": url, "auth": "none", "timeouts": {"read": 0.2}},
         ],
     )

@@ -25,8 +25,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.conftest import CLIENT_ID, Stack, free_port
+from tests.conftest import CLIENT_ID, Stack
 from tests.idp_client import http_login
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.nginx
 

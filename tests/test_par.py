@@ -26,11 +26,11 @@ from tests.conftest import (
     RedisServer,
     Stack,
     StackFactory,
-    free_port,
     gateway_config,
 )
 from tests.gateway_proc import start_gateway_process
 from tests.idp_client import FormParser, http_login
+from tests.support.ports import free_port
 from tests.support.processes import gateway
 
 NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}

@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 from tests.gateway_proc import start_gateway_process
 from tests.support.chromium import chromium_context
+from tests.support.ports import free_port
 from tests.support.processes import gateway
 from tests.support.providers import Multi, start_multi
 

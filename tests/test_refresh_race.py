@@ -18,10 +18,11 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import RedisServer, free_port, gateway_config
+from tests.conftest import RedisServer, gateway_config
 from tests.idp_client import http_login
 from tests.support.calls import bearer, call
 from tests.support.clock import latest_access_token, sleep_until
+from tests.support.ports import free_port
 from tests.support.processes import Cluster, gateway_cli, gateway_pair
 
 

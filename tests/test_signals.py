@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway.devidp import ClientRegistration, DevIdpConfig, demo_users, start_devidp
 from gateway.echo import start_echo
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, free_port, gateway_config
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, gateway_config
 from tests.gateway_proc import (
     GatewayProcess,
     command_env,
@@ -29,6 +29,7 @@ from tests.gateway_proc import (
 )
 from tests.idp_client import http_login
 from tests.support.metrics import Scrape
+from tests.support.ports import free_port
 
 BOUND = 30.0  # seconds: every wait here ends by itself
 BODY = b"x" * 200_000  # big enough to need several writes

@@ -16,7 +16,8 @@ import pytest
 from gateway.config import validate
 from gateway.echo import start_echo
 from gateway.server import Gateway, bind_socket
-from tests.conftest import free_port, gateway_config
+from tests.conftest import gateway_config
+from tests.support.ports import free_port
 
 SLOW_CLIENTS = 200
 HEAD = (

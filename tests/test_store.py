@@ -17,7 +17,8 @@ import pytest
 
 from gateway.errors import StoreError
 from gateway.store import MemoryStore, RedisStore, SessionMeta, SessionStore
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
+from tests.support.ports import free_port
 
 SHORT = 0.3  # seconds: a TTL meant to run out during the test
 LONG = 60.0  # seconds: a TTL meant to outlive the test

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from gateway.errors import StoreError
 from gateway.store.base import SessionMeta
 from gateway.store.redis import RedisOptions, RedisStore
-from tests.conftest import free_port
+from tests.support.ports import free_port
 from tests.topology import Node, start_cluster, start_sentinel_set
 
 PASSWORD = "s3cret-Redis-pw"

@@ -18,9 +18,10 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import RedisServer, Stack, free_port, gateway_config
+from tests.conftest import RedisServer, Stack, gateway_config
 from tests.support.browser import session_keys
 from tests.support.calls import bearer, call, login
+from tests.support.ports import free_port
 from tests.support.processes import gateway_cli
 
 

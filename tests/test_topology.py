@@ -29,11 +29,11 @@ import redis.cluster
 import yaml
 
 from gateway.devidp import RunningIdp
-from tests.conftest import free_port
 from tests.gateway_proc import GatewayProcess, start_gateway_process
 from tests.idp_client import http_login
 from tests.support.calls import API, bearer, call
 from tests.support.clock import latest_access_token, sleep_until
+from tests.support.ports import free_port
 from tests.support.processes import gateway_cli, gateway_pair
 from tests.topology import (
     Node,

@@ -9,7 +9,6 @@ outage that loses nothing. Nodes are stopped by their PID only.
 from __future__ import annotations
 
 import contextlib
-import random
 import shutil
 import signal
 import socket
@@ -21,7 +20,7 @@ from typing import Any
 
 import redis
 
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 SENTINEL_SERVICE = "gwprimary"
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout and sentinel down-after: failover in seconds
@@ -90,18 +89,8 @@ class Node:
 
 
 def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too, so at most 55535."""
-    for _ in range(200):
-        port = random.randint(20000, 55000)
-        with contextlib.ExitStack() as stack:
-            try:
-                for p in (port, port + 10000):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
+    """A free port whose cluster bus port (+10000) is free too."""
+    return free_port(with_offset=10000)
 
 
 def _server_binary() -> str:

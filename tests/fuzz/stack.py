@@ -34,8 +34,9 @@ from gateway.devidp import ClientRegistration, DevIdpConfig, RunningIdp, demo_us
 from gateway.devidp.records import AccessRecord
 from gateway.devidp.tokens import BACKCHANNEL_EVENT, access_token_claims
 from gateway.echo import RunningEcho, start_echo
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, free_port, gateway_config
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, RedisServer, gateway_config
 from tests.idp_client import http_login
+from tests.support.ports import free_port
 
 ALLOWED_ORIGIN = "https://allowed.example"
 COOKIE = "gw_test"

@@ -14,13 +14,14 @@ from typing import Any
 from gateway.crypto import new_secret
 from gateway.devidp import DevIdpConfig, RunningIdp, demo_users, start_devidp
 from gateway.echo import start_echo
-from tests.conftest import free_port, gateway_config, registration
+from tests.conftest import gateway_config, registration
 from tests.gateway_proc import (
     GatewayProcess,
     command_env,
     gateway_command,
     start_gateway_process,
 )
+from tests.support.ports import free_port
 
 
 @dataclass

@@ -22,8 +22,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.echo import start_echo
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, free_port
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.gateway_proc import GatewayProcess, start_gateway_process
+from tests.support.ports import free_port
 from tests.support.processes import serving
 from tests.support.providers import multi_config
 

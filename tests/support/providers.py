@@ -17,9 +17,10 @@ from gateway.config import Settings, validate
 from gateway.crypto import new_secret
 from gateway.devidp import DevIdpConfig, RunningIdp, demo_users, start_devidp
 from gateway.echo import RunningEcho, start_echo
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, free_port, registration, with_sections
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, registration, with_sections
 from tests.idp_client import http_login
 from tests.support.browser import Answer, fetch
+from tests.support.ports import free_port
 
 COOKIE = "gw_multi"
 PROVIDER_HEADERS = {"X-Provider": "provider", "X-Issuer": "iss", "X-Forwarded-User": "sub"}
