@@ -133,6 +133,17 @@ _random_ids: list[str] = []
 os.register_at_fork(after_in_child=_random_ids.clear)  # a worker never repeats its parent's
 
 
+def failed_status(exc: BaseException) -> int:
+    """The status of a request whose handler raised ``exc``, as the access log, the metrics
+    and the trace all report it: an HTTP exception's own; 499 (nginx's "client closed
+    request") when the handler was cancelled because the client left; else 500."""
+    if isinstance(exc, web.HTTPException):
+        return exc.status
+    if isinstance(exc, asyncio.CancelledError):
+        return 499
+    return 500
+
+
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id (passed through when well-formed, else generated), one log line a request,
@@ -145,11 +156,8 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         resp = await handler(request)
         status = resp.status
         return resp
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client left before the answer (nginx's "client closed request")
+    except BaseException as exc:
+        status = failed_status(exc)
         raise
     finally:
         end = time.perf_counter()

@@ -110,6 +110,9 @@ class Tracing:
     def middleware(self) -> Any:
         """The request's server span, continuing the client's ``traceparent``."""
         tracer, propagator = self._tracer, self._propagator
+        # Here, not at the top: gateway.keys (imported by gateway.middleware) imports this module.
+        from gateway import keys
+        from gateway.middleware import failed_status
 
         @web.middleware
         async def trace_request(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -127,12 +130,10 @@ class Tracing:
                     resp = await handler(request)
                     status = resp.status
                     return resp
-                except web.HTTPException as exc:
-                    status = exc.status
+                except BaseException as exc:
+                    status = failed_status(exc)
                     raise
                 finally:
-                    from gateway import keys
-
                     route = request.get(keys.ROUTE_LABEL)
                     if route is not None:
                         span.set_attribute("http.route", route)

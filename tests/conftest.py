@@ -204,6 +204,8 @@ async def make_stack(redis_server: RedisServer) -> AsyncIterator[StackFactory]:
     ``idp`` / ``echo`` reuse running servers (two gateways sharing one provider);
     ``client_auth`` registers the client with that token-endpoint auth method (``"none"``:
     a public client without a secret) and configures the gateway to match.
+    ``handler_cancellation=True`` cancels a request's handler when its client leaves, as
+    ``gateway run`` does.
     """
     started: list[Any] = []
 
@@ -216,6 +218,7 @@ async def make_stack(redis_server: RedisServer) -> AsyncIterator[StackFactory]:
         port: int | None = None,
         idp_config: dict[str, Any] | None = None,
         client_auth: str = "client_secret_basic",
+        handler_cancellation: bool = False,
         **overrides: Any,
     ) -> Stack:
         port = port or free_port()
@@ -255,7 +258,7 @@ async def make_stack(redis_server: RedisServer) -> AsyncIterator[StackFactory]:
             gateway_config(url, str(idp.url), str(echo.url), rurl, **overrides), env={}
         )
         app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=handler_cancellation)
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", port).start()

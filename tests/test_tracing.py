@@ -4,6 +4,7 @@ upstream; a no-op when off or when the ``otel`` extra is not installed."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
+from opentelemetry.trace import StatusCode  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -62,6 +64,40 @@ async def test_spans_and_traceparent_upstream(
     for span in spans:
         text = repr(dict(span.attributes or {}))
         assert "abc" not in text and "token=" not in text and "gw_test" not in text
+
+
+async def test_a_client_that_leaves_is_499_in_the_trace_as_in_the_access_log(
+    make_stack: Any, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``gateway run`` cancels the handler of a client that hangs up. The span reports what
+    the access log reports, 499, and is no server error (it was reported as a 500 and
+    marked as an error, inflating a dashboard's error rate with clients that gave up)."""
+    stack: Stack = await make_stack(observability=ON, handler_cancellation=True)
+    exporter = InMemorySpanExporter()
+    stack.app[keys.TRACING].provider.add_span_processor(SimpleSpanProcessor(exporter))
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    await http_login(browser, stack.url + "/", "alice", "alice")
+    with pytest.raises(TimeoutError):
+        await browser.get(stack.url + "/_echo/slow?delay=30", timeout=aiohttp.ClientTimeout(0.5))
+
+    def finished() -> list[Any]:
+        return [
+            s
+            for s in exporter.get_finished_spans()
+            if s.name == "GET gateway" and s.attributes["url.path"] == "/_echo/slow"
+        ]
+
+    for _ in range(100):
+        if finished():
+            break
+        await asyncio.sleep(0.05)
+    (server,) = finished()
+    assert server.attributes["http.response.status_code"] == 499
+    assert server.status.status_code is StatusCode.UNSET
+    (line,) = [
+        r for r in caplog.records if r.name == "gateway.access" and vars(r)["path"] == "/_echo/slow"
+    ]
+    assert line.getMessage() == "GET /_echo/slow 499"
 
 
 async def test_tracing_off_passes_the_clients_traceparent_through(
