@@ -22,7 +22,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: E4
 from gateway.config import Settings, validate  # noqa: E402
 from gateway.crypto import KeyRing, decode_secret, new_secret  # noqa: E402
 from gateway.session import Ticket  # noqa: E402
+
+# The suite's port picker: ports below the kernel's ephemeral range, which no outgoing
+# connection can take between the moment one is picked and the moment its server binds it.
+from tests.support.ports import free_port  # noqa: E402
 
 CLIENT_ID = "gateway-bench"
 COOKIE = "gw_bench"
@@ -181,12 +184,6 @@ class Procs:
     def stop_all(self) -> None:
         for _, proc in reversed(list(self.items)):
             self.stop(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(
