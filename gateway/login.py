@@ -185,12 +185,20 @@ async def callback(request: web.Request) -> web.StreamResponse:
 
 
 async def userinfo(request: web.Request) -> web.StreamResponse:
-    """The signed-in user's identity claims as JSON; never a token."""
+    """The signed-in user's identity claims as JSON; never a token.
+
+    With ``providers:``, also ``provider`` (its id) and ``iss`` (its issuer), which win over
+    a provider's claims of those names: a ``sub`` is unique only per issuer, so an app that
+    keys users on this answer needs them. A single ``provider:`` answers as it always has.
+    """
     principal = await authenticate(request, None)
     if principal is None:
         raise Unauthenticated(headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
     ident = principal.identity
     body = {"sub": ident.sub, **ident.claims}
+    if request.app[keys.SETTINGS].providers is not None:
+        body["provider"] = ident.provider
+        body["iss"] = ident.issuer
     return web.json_response(body, headers=NO_STORE)
 
 

@@ -105,6 +105,19 @@ async def test_login_with_either_provider_names_it_to_the_upstream(multi: Multi)
     assert multi.code_exchanges("partners") == 1
 
 
+async def test_userinfo_tells_the_same_sub_at_two_providers_apart(multi: Multi) -> None:
+    async with new_browser() as a, new_browser() as b:
+        await login_at(a, multi, "corp", rd="/x")
+        await login_at(b, multi, "partners", rd="/x")
+        status, corp = await call(a, multi.url + "/oauth2/userinfo")
+        assert status == 200
+        status, partners = await call(b, multi.url + "/oauth2/userinfo")
+        assert status == 200
+    assert corp["sub"] == partners["sub"] == "alice"
+    assert (corp["provider"], corp["iss"]) == ("corp", multi.corp.issuer)
+    assert (partners["provider"], partners["iss"]) == ("partners", multi.partners.issuer)
+
+
 async def test_the_chooser_links_every_allowed_provider_in_config_order(
     multi: Multi, browser: aiohttp.ClientSession
 ) -> None:
@@ -437,3 +450,7 @@ async def test_a_single_provider_is_default_in_headers_and_the_assertion(
     assert seen["x-issuer"] == stack.idp.issuer
     claims = jwt.decode(seen["x-gateway-assertion"], options={"verify_signature": False})
     assert (claims["provider"], claims["provider_iss"]) == ("default", stack.idp.issuer)
+    # /oauth2/userinfo answers as it did before there could be several providers.
+    status, me = await call(browser, stack.url + "/oauth2/userinfo")
+    assert status == 200
+    assert "provider" not in me and "iss" not in me and me["sub"] == "alice"
