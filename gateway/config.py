@@ -43,7 +43,8 @@ _ENV_NAME = re.compile(
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+                  "rediss+cluster")  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -414,7 +415,8 @@ class SessionSettings(_Model):
         # The message never repeats the URL: it may carry the Redis password.
         if urlsplit(v.get_secret_value()).scheme not in _REDIS_SCHEMES:
             raise ValueError(
-                "must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
+                "must be a redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://,"
+                " redis+cluster:// or rediss+cluster:// URL"
             )
         return v
 

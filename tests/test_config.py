@@ -500,7 +500,8 @@ def test_secrets_absent_from_config_errors() -> None:
 @pytest.mark.parametrize(
     "url",
     ["redis://h:6379/0", "rediss://h:6380/1", "unix:///run/redis.sock",
-     "redis+sentinel://h1:26379,h2:26379/mymaster", "redis+cluster://h:7000"],
+     "redis+sentinel://h1:26379,h2:26379/mymaster", "rediss+sentinel://h1:26379/mymaster",
+     "redis+cluster://h:7000", "rediss+cluster://h:7000"],
 )  # fmt: skip
 def test_redis_url_schemes_accepted(url: str) -> None:
     data = base_config()

@@ -148,22 +148,63 @@ async def test_tls_with_a_ca_file(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         "--requirepass", PASSWORD,
     ):  # fmt: skip
         url = f"rediss://:{PASSWORD}@127.0.0.1:{node.port}/0"
-        options = RedisOptions(ca_file=str(ca))
-        for attempt in range(100):  # the server may still be starting
-            try:
-                await round_trip(url, options)
-                break
-            except StoreError:
-                if attempt == 99:
-                    raise
-                await asyncio.sleep(0.05)
-        # A server certificate from a CA we were not told to trust: refused.
-        store = RedisStore.from_url(url, options=RedisOptions(ca_file=str(other_ca)))
+        await round_trip_once_up(url, RedisOptions(ca_file=str(ca)))
+        await refused_by_tls(url, other_ca)
+
+
+async def round_trip_once_up(url: str, options: RedisOptions) -> None:
+    """``round_trip``, retried while the TLS-only servers (no plain port to PING) start."""
+    for attempt in range(200):
         try:
+            await round_trip(url, options)
+            return
+        except StoreError:
+            if attempt == 199:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def refused_by_tls(url: str, other_ca: Path) -> None:
+    """A server certificate from a CA we were not told to trust: refused."""
+    store = RedisStore.from_url(url, options=RedisOptions(ca_file=str(other_ca)))
+    try:
+        with pytest.raises(StoreError):
+            await store.load("k1")
+    finally:
+        await store.close()
+
+
+@pytest.mark.topology
+async def test_sentinel_over_tls_with_a_ca_file(tmp_path: Path) -> None:
+    """``rediss+sentinel://``: the sentinel and the data node listen on TLS ports only, so a
+    round trip proves both legs speak TLS, checked against ``redis_ca_file``."""
+    ca, cert, key = throwaway_ca(tmp_path, "good")
+    other_ca, _, _ = throwaway_ca(tmp_path, "other")
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key),
+           "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]  # fmt: skip
+    for primary in server(tmp_path, "--tls-port", "TLSPORT", *tls, "--requirepass", PASSWORD):
+        port = free_port()
+        conf = tmp_path / "sentinel.conf"
+        lines = [
+            "bind 127.0.0.1", "port 0", f"tls-port {port}", "tls-replication yes",
+            *(f"{tls[i].removeprefix('--')} {tls[i + 1]}" for i in range(0, len(tls), 2)),
+            f"dir {tmp_path}",
+            f"sentinel monitor gwprimary 127.0.0.1 {primary.port} 1",
+            f"sentinel auth-pass gwprimary {PASSWORD}",
+        ]  # fmt: skip
+        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        binary = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+        sentinel = Node(port, [str(conf), "--loglevel", "warning"], binary)
+        sentinel.proc = subprocess.Popen([binary, *sentinel.args], stdout=subprocess.DEVNULL)
+        try:
+            url = f"rediss+sentinel://:{PASSWORD}@127.0.0.1:{port}/gwprimary"
+            await round_trip_once_up(url, RedisOptions(ca_file=str(ca)))
+            await refused_by_tls(url, other_ca)
+            # The plain scheme cannot even ask the TLS-only sentinel for the primary.
             with pytest.raises(StoreError):
-                await store.load("k1")
+                await round_trip(url.replace("rediss+", "redis+", 1))
         finally:
-            await store.close()
+            sentinel.kill()
 
 
 @pytest.mark.topology

@@ -130,7 +130,7 @@ class RedisStore:
         opts = options or RedisOptions()
         scheme = urlsplit(url).scheme
         where = redact(url)
-        if scheme == "redis+sentinel":
+        if scheme in ("redis+sentinel", "rediss+sentinel"):
             return cls(_sentinel_client(url, opts), prefix, where=where, options=opts)
         if scheme in ("redis+cluster", "rediss+cluster"):
             return cls(_cluster_client(url, opts), prefix, True, where=where, options=opts)
@@ -459,9 +459,15 @@ def _connection_kwargs(opts: RedisOptions, *, tls: bool) -> dict[str, Any]:
         "retry": _retry(),
     }
     if tls and opts.ca_file:
-        kwargs["ssl_ca_certs"] = opts.ca_file
-        kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        kwargs.update(_ca_kwargs(opts))
     return kwargs
+
+
+def _ca_kwargs(opts: RedisOptions) -> dict[str, Any]:
+    """Verify the server's certificate against ``session.redis_ca_file`` (when given)."""
+    if not opts.ca_file:
+        return {}
+    return {"ssl_ca_certs": opts.ca_file, "ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
@@ -515,8 +521,11 @@ def _sentinel_client(url: str, opts: RedisOptions) -> Any:
 
     ``user:password@`` authenticates to the data nodes; the sentinels' own credentials, when
     they differ, go in the query: ``?sentinel_username=...&sentinel_password=...``.
+    ``rediss+sentinel://`` speaks TLS to the sentinels and to the data nodes alike, both
+    checked against ``session.redis_ca_file`` when it is set.
     """
     parts = urlsplit(url)
+    tls = parts.scheme == "rediss+sentinel"
     user, password = _credentials(url)
     hosts = _hosts(parts.netloc, 26379)
     path = [p for p in parts.path.split("/") if p]
@@ -530,10 +539,15 @@ def _sentinel_client(url: str, opts: RedisOptions) -> Any:
                 "socket_connect_timeout": opts.connect_timeout}  # fmt: skip
     # A sentinel that does not answer is skipped for the next one: no retry of its own.
     sentinel_kwargs: dict[str, Any] = {**timeouts, "retry": Retry(NoBackoff(), retries=0)}
+    if tls:
+        sentinel_kwargs.update(ssl=True, **_ca_kwargs(opts))
     if "sentinel_password" in query:
         sentinel_kwargs["password"] = query["sentinel_password"]
     if "sentinel_username" in query:
         sentinel_kwargs["username"] = query["sentinel_username"]
+    data_kwargs = _connection_kwargs(opts, tls=tls)
+    if tls:
+        data_kwargs["ssl"] = True  # the pool then makes SentinelManagedSSLConnections
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **timeouts)  # type: ignore[no-untyped-call]
     return sentinel.master_for(
         path[0],
@@ -543,5 +557,5 @@ def _sentinel_client(url: str, opts: RedisOptions) -> Any:
         password=password,
         max_connections=opts.pool_size,
         timeout=opts.pool_timeout,
-        **_connection_kwargs(opts, tls=False),
+        **data_kwargs,
     )
