@@ -22,7 +22,7 @@ async def probe(settings: Settings) -> list[Result]:
     results: list[Result] = []
     several = settings.providers is not None
     for ref in settings.provider_refs:
-        found = await _probe_provider(ref.settings, settings.redirect_uri)
+        found = await _probe_provider(ref.settings, settings.redirect_uri, several=several)
         if several:  # "provider corp discovery": which provider each line is about
             found = [(f"provider {ref.id}{n[len('provider') :]}", ok, d) for n, ok, d in found]
         results.extend(found)
@@ -44,7 +44,9 @@ async def probe(settings: Settings) -> list[Result]:
     return results
 
 
-async def _probe_provider(provider_settings: ProviderSettings, redirect_uri: str) -> list[Result]:
+async def _probe_provider(
+    provider_settings: ProviderSettings, redirect_uri: str, *, several: bool = False
+) -> list[Result]:
     results: list[Result] = []
     http = make_provider_http(provider_settings)
     try:
@@ -65,6 +67,8 @@ async def _probe_provider(provider_settings: ProviderSettings, redirect_uri: str
                 results.append(("provider JWKS", False, str(exc)))
             results.append(await _client_auth(provider, meta))
             results.extend(_warnings(provider, meta))
+            if several and (mixup := _mixup_warning(provider, meta)) is not None:
+                results.append(mixup)
     finally:
         await http.close()
     return results
@@ -123,3 +127,24 @@ def _warnings(provider: ProviderClient, meta: ProviderMetadata) -> list[Result]:
             )
         )
     return out
+
+
+def _mixup_warning(provider: ProviderClient, meta: ProviderMetadata) -> Result | None:
+    """With several providers and one redirect URI, RFC 9700 §4.4 leaves the mix-up defence
+    to the authorization response's ``iss`` (RFC 9207). A provider that does not send it is
+    bound to its logins by the login state alone: another configured provider that bounces a
+    login it was chosen for to this one receives this one's code (and the PKCE verifier) at
+    its token endpoint. With a confidential client that code is useless to it (it cannot
+    authenticate as the gateway here); with a public client it can redeem it."""
+    if meta.iss_parameter_supported:
+        return None
+    detail = (
+        "does not send iss in its authorization responses (RFC 9207): with several "
+        "providers, only the login state ties a response to this provider"
+    )
+    if provider.settings.effective_auth_method == "none":
+        detail += (
+            "; with a public client, another configured provider that mixes up a login "
+            "could redeem this provider's code: give it a confidential client"
+        )
+    return ("provider mix-up defence", None, detail)

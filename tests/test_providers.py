@@ -6,6 +6,7 @@ bearer tokens, and the CLI."""
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 import uuid
@@ -19,8 +20,10 @@ import pytest
 import yaml
 
 from gateway import keys
+from gateway.config import validate
 from gateway.devidp.tokens import BACKCHANNEL_EVENT
 from gateway.echo import RunningEcho
+from gateway.probe import probe
 from tests.conftest import CLIENT_ID, RedisServer, StackFactory
 from tests.support.browser import fetch, login, new_browser, query_of, with_query
 from tests.support.calls import API, call, upstream_headers
@@ -116,6 +119,26 @@ async def test_userinfo_tells_the_same_sub_at_two_providers_apart(multi: Multi) 
     assert corp["sub"] == partners["sub"] == "alice"
     assert (corp["provider"], corp["iss"]) == ("corp", multi.corp.issuer)
     assert (partners["provider"], partners["iss"]) == ("partners", multi.partners.issuer)
+
+
+async def test_the_probe_warns_of_a_public_client_at_a_provider_without_rfc_9207(
+    multi: Multi,
+) -> None:
+    """Such a provider's code could be redeemed by another configured provider that mixes up
+    a login (it receives the code and the PKCE verifier at its token endpoint): the probe
+    says so, and what to do."""
+    cfg = copy.deepcopy(multi.config)
+    partners = cfg["providers"][1]
+    partners["client_auth_method"] = "none"
+    del partners["client_secret"]
+    multi.partners.state.faults.discovery_omit = ["authorization_response_iss_parameter_supported"]
+    results = await probe(validate(cfg, env={}))
+    (warning,) = [r for r in results if "mix-up" in r[0]]
+    assert warning[:2] == ("provider partners mix-up defence", None)
+    assert warning[2].endswith(
+        "; with a public client, another configured provider that mixes up a login could "
+        "redeem this provider's code: give it a confidential client"
+    )
 
 
 async def test_the_chooser_links_every_allowed_provider_in_config_order(

@@ -72,6 +72,17 @@ async def test_check_config_probe_probes_every_provider(multi: Multi, tmp_path: 
     assert "ok   provider corp client authentication" in out
     assert "ok   provider partners client authentication" in out
     assert multi.config["providers"][0]["client_secret"] not in out
+    assert "mix-up" not in out  # both providers send iss (RFC 9207)
+    # A provider without RFC 9207: a warning about it, not a failure.
+    multi.partners.state.faults.discovery_omit = ["authorization_response_iss_parameter_supported"]
+    code, out, err = await gateway("check-config", "--probe", "--config", str(path), cwd=tmp_path)
+    assert code == 0, out + err
+    assert (
+        "WARN provider partners mix-up defence: does not send iss in its authorization "
+        "responses (RFC 9207): with several providers, only the login state ties a response "
+        "to this provider\n"
+    ) in out
+    assert "provider corp mix-up" not in out
     # One provider down: its lines fail, the exit status says so.
     await multi.partners.close()
     code, out, err = await gateway("check-config", "--probe", "--config", str(path), cwd=tmp_path)
