@@ -27,7 +27,7 @@ from gateway.middleware import access_log, errors, hide_server_version, on_respo
 from gateway.oidc import ProviderClient
 from gateway.oidc.client import make_provider_http
 from gateway.pages import NO_STORE, Pages
-from gateway.providers import Providers
+from gateway.providers import Providers, mixup_risk
 from gateway.proxy import Forwarder, make_upstream_client
 from gateway.routes import Routes
 from gateway.sessions import SessionManager
@@ -134,11 +134,14 @@ async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.SESSIONS].on_refresh = app[METRICS].refreshed
     for p in providers:
         try:
-            await p.client.load()
+            meta = await p.client.load()
         except ProviderTransportError as exc:
             # Start anyway: /readyz says 503 and logins retry discovery until it answers.
             which = "" if settings.providers is None else f" ({p.id})"
             log.warning("provider metadata not loaded at start-up%s: %s", which, exc)
+            continue
+        if settings.providers is not None and (risk := mixup_risk(p.client.settings, meta)):
+            log.warning("provider %s %s", p.id, risk)
     yield
     for http in https:
         await http.close()

@@ -13,6 +13,7 @@ from gateway.errors import ProviderTransportError, StoreError
 from gateway.oidc import ProviderClient, par
 from gateway.oidc.client import make_provider_http
 from gateway.oidc.metadata import ProviderMetadata
+from gateway.providers import mixup_risk
 from gateway.store import open_store
 
 Result = tuple[str, bool | None, str]
@@ -67,8 +68,8 @@ async def _probe_provider(
                 results.append(("provider JWKS", False, str(exc)))
             results.append(await _client_auth(provider, meta))
             results.extend(_warnings(provider, meta))
-            if several and (mixup := _mixup_warning(provider, meta)) is not None:
-                results.append(mixup)
+            if several and (risk := mixup_risk(provider.settings, meta)) is not None:
+                results.append(("provider mix-up defence", None, risk))
     finally:
         await http.close()
     return results
@@ -127,24 +128,3 @@ def _warnings(provider: ProviderClient, meta: ProviderMetadata) -> list[Result]:
             )
         )
     return out
-
-
-def _mixup_warning(provider: ProviderClient, meta: ProviderMetadata) -> Result | None:
-    """With several providers and one redirect URI, RFC 9700 §4.4 leaves the mix-up defence
-    to the authorization response's ``iss`` (RFC 9207). A provider that does not send it is
-    bound to its logins by the login state alone: another configured provider that bounces a
-    login it was chosen for to this one receives this one's code (and the PKCE verifier) at
-    its token endpoint. With a confidential client that code is useless to it (it cannot
-    authenticate as the gateway here); with a public client it can redeem it."""
-    if meta.iss_parameter_supported:
-        return None
-    detail = (
-        "does not send iss in its authorization responses (RFC 9207): with several "
-        "providers, only the login state ties a response to this provider"
-    )
-    if provider.settings.effective_auth_method == "none":
-        detail += (
-            "; with a public client, another configured provider that mixes up a login "
-            "could redeem this provider's code: give it a confidential client"
-        )
-    return ("provider mix-up defence", None, detail)

@@ -14,8 +14,15 @@ from dataclasses import dataclass
 import jwt
 
 from gateway.bearer import BearerVerifier, looks_like_jwt
-from gateway.config import DEFAULT_PROVIDER_ID, DEFAULT_PROVIDER_NAME, ProviderRef, RouteSettings
+from gateway.config import (
+    DEFAULT_PROVIDER_ID,
+    DEFAULT_PROVIDER_NAME,
+    ProviderRef,
+    ProviderSettings,
+    RouteSettings,
+)
 from gateway.oidc import ProviderClient
+from gateway.oidc.metadata import ProviderMetadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,3 +128,27 @@ def unverified_issuer(token: str) -> str:
         return ""
     iss = claims.get("iss") if isinstance(claims, dict) else None
     return iss if isinstance(iss, str) else ""
+
+
+def mixup_risk(settings: ProviderSettings, meta: ProviderMetadata) -> str | None:
+    """What one of several providers leaves open when it sends no ``iss`` (RFC 9207).
+
+    With one redirect URI for all, RFC 9700 §4.4 leaves the mix-up defence to the response's
+    ``iss``. Without it, only the login state ties a response to this provider: another
+    configured provider that is chosen for a login and bounces the browser on to this one
+    receives this one's code (and the PKCE verifier) at its token endpoint. With a
+    confidential client the code is useless to it (it cannot authenticate as the gateway
+    here); with a public client it can redeem it. None when the provider sends ``iss``.
+    """
+    if meta.iss_parameter_supported:
+        return None
+    risk = (
+        "does not send iss in its authorization responses (RFC 9207): with several "
+        "providers, only the login state ties a response to this provider"
+    )
+    if settings.effective_auth_method == "none":
+        risk += (
+            "; with a public client, another configured provider that mixes up a login "
+            "could redeem this provider's code: give it a confidential client"
+        )
+    return risk

@@ -7,6 +7,7 @@ bearer tokens, and the CLI."""
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import time
 import uuid
@@ -21,6 +22,7 @@ import yaml
 
 from gateway import keys
 from gateway.config import validate
+from gateway.devidp.config import Faults
 from gateway.devidp.tokens import BACKCHANNEL_EVENT
 from gateway.echo import RunningEcho
 from gateway.probe import probe
@@ -139,6 +141,29 @@ async def test_the_probe_warns_of_a_public_client_at_a_provider_without_rfc_9207
         "; with a public client, another configured provider that mixes up a login could "
         "redeem this provider's code: give it a confidential client"
     )
+
+
+async def test_each_provider_without_rfc_9207_is_named_in_a_warning_at_start(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway")
+
+    async def start_up_warnings(**idp_config: Any) -> list[str]:
+        caplog.clear()
+        running = await start_multi(redis_server.url, idp_config=idp_config)
+        await running.close()
+        return [r.getMessage() for r in caplog.records if "RFC 9207" in r.getMessage()]
+
+    assert await start_up_warnings() == []
+    omit = Faults(discovery_omit=["authorization_response_iss_parameter_supported"])
+    risk = (
+        "does not send iss in its authorization responses (RFC 9207): with several "
+        "providers, only the login state ties a response to this provider"
+    )
+    assert await start_up_warnings(faults=omit) == [
+        f"provider corp {risk}",
+        f"provider partners {risk}",
+    ]
 
 
 async def test_the_chooser_links_every_allowed_provider_in_config_order(
