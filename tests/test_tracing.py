@@ -78,7 +78,7 @@ async def test_a_client_that_leaves_is_499_in_the_trace_as_in_the_access_log(
     caplog.set_level(logging.INFO, logger="gateway.access")
     await http_login(browser, stack.url + "/", "alice", "alice")
     with pytest.raises(TimeoutError):
-        await browser.get(stack.url + "/_echo/slow?delay=30", timeout=aiohttp.ClientTimeout(0.5))
+        await browser.get(stack.url + "/_echo/slow?delay=3", timeout=aiohttp.ClientTimeout(0.5))
 
     def finished() -> list[Any]:
         return [
