@@ -172,7 +172,13 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """200 when the session store answers and the provider's metadata is loaded, else 503."""
+    """200 when the session store answers and the provider's metadata is loaded, else 503.
+
+    With several providers, one whose metadata is not loaded is named in ``checks`` but
+    the process stays ready while another one's is loaded: the other providers' users are
+    served and sign in as before, and one provider's outage must not take every replica out
+    of its load balancer (or keep new ones from starting).
+    """
     checks: dict[str, str] = {}
     try:
         await asyncio.wait_for(request.app[keys.STORE].ping(), 2.0)
@@ -186,7 +192,11 @@ async def readyz(request: web.Request) -> web.StreamResponse:
                 await p.client.metadata()
         name = f"provider:{p.id}" if several else "provider"
         checks[name] = "ok" if p.client.loaded else "metadata not loaded"
-    ok = all(v == "ok" for v in checks.values())
+    ok = checks["store"] == "ok"
+    if several:
+        ok = ok and any(v == "ok" for k, v in checks.items() if k.startswith("provider:"))
+    else:
+        ok = ok and checks["provider"] == "ok"
     return web.json_response(
         {"status": "ready" if ok else "not ready", "checks": checks},
         status=200 if ok else 503,

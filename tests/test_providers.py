@@ -19,8 +19,10 @@ import aiohttp
 import jwt
 import pytest
 import yaml
+from aiohttp import web
 
 from gateway import keys
+from gateway.app import create_app
 from gateway.config import validate
 from gateway.devidp.config import Faults
 from gateway.devidp.tokens import BACKCHANNEL_EVENT
@@ -29,6 +31,7 @@ from gateway.probe import probe
 from tests.conftest import CLIENT_ID, RedisServer, StackFactory
 from tests.support.browser import fetch, login, new_browser, query_of, with_query
 from tests.support.calls import API, call, upstream_headers
+from tests.support.ports import free_port
 from tests.support.processes import gateway
 from tests.support.providers import (
     COOKIE,
@@ -164,6 +167,47 @@ async def test_each_provider_without_rfc_9207_is_named_in_a_warning_at_start(
         f"provider corp {risk}",
         f"provider partners {risk}",
     ]
+
+
+async def test_readyz_stays_ready_while_one_of_several_providers_is_down(multi: Multi) -> None:
+    """One provider's outage names it in ``checks`` but keeps the process ready (taking every
+    replica out of the load balancer would lock out the other providers' users too); with
+    every provider down it is not ready."""
+
+    async def readiness(*dead: str) -> tuple[int, dict[str, Any]]:
+        cfg = copy.deepcopy(multi.config)
+        port = free_port()
+        cfg["server"]["public_url"] = f"http://127.0.0.1:{port}"
+        for entry in cfg["providers"]:
+            if entry["id"] in dead:  # nobody listens there
+                entry["issuer"] = f"http://127.0.0.1:{free_port()}"
+        runner = web.AppRunner(create_app(validate(cfg, env={})), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            async with aiohttp.ClientSession() as http:
+                if dead:  # signing in with a provider that is down: 503, nothing set
+                    start = f"http://127.0.0.1:{port}/oauth2/start?provider={dead[-1]}&rd=/x"
+                    answer = await fetch(http, start)
+                    assert (answer.status, answer.set_cookies) == (503, {})
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    return resp.status, await resp.json()
+        finally:
+            await runner.cleanup()
+
+    status, body = await readiness()
+    assert (status, body["status"]) == (200, "ready")
+    assert body["checks"] == {"store": "ok", "provider:corp": "ok", "provider:partners": "ok"}
+    status, body = await readiness("partners")
+    assert (status, body["status"]) == (200, "ready")
+    assert body["checks"] == {
+        "store": "ok",
+        "provider:corp": "ok",
+        "provider:partners": "metadata not loaded",
+    }
+    status, body = await readiness("corp", "partners")
+    assert (status, body["status"]) == (503, "not ready")
+    assert set(body["checks"].values()) == {"ok", "metadata not loaded"}
 
 
 async def test_the_chooser_links_every_allowed_provider_in_config_order(
