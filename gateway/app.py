@@ -136,7 +136,8 @@ async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             meta = await p.client.load()
         except ProviderTransportError as exc:
-            # Start anyway: /readyz says 503 and logins retry discovery until it answers.
+            # Start anyway: /readyz names it (503 unless another provider is loaded) and
+            # logins retry discovery until it answers.
             which = "" if settings.providers is None else f" ({p.id})"
             log.warning("provider metadata not loaded at start-up%s: %s", which, exc)
             continue
