@@ -187,17 +187,15 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     except (StoreError, TimeoutError):
         checks["store"] = "unavailable"
     several = request.app[keys.SETTINGS].providers is not None
+    loaded = []
     for p in request.app[keys.PROVIDERS]:
         if not p.client.loaded:
             with suppress(ProviderTransportError):
                 await p.client.metadata()
+        loaded.append(p.client.loaded)
         name = f"provider:{p.id}" if several else "provider"
         checks[name] = "ok" if p.client.loaded else "metadata not loaded"
-    ok = checks["store"] == "ok"
-    if several:
-        ok = ok and any(v == "ok" for k, v in checks.items() if k.startswith("provider:"))
-    else:
-        ok = ok and checks["provider"] == "ok"
+    ok = checks["store"] == "ok" and (any(loaded) if several else all(loaded))
     return web.json_response(
         {"status": "ready" if ok else "not ready", "checks": checks},
         status=200 if ok else 503,

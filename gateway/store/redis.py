@@ -458,7 +458,7 @@ def _connection_kwargs(opts: RedisOptions, *, tls: bool) -> dict[str, Any]:
         "health_check_interval": opts.health_check_interval,
         "retry": _retry(),
     }
-    if tls and opts.ca_file:
+    if tls:
         kwargs.update(_ca_kwargs(opts))
     return kwargs
 
